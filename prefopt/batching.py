@@ -1,0 +1,180 @@
+"""Lay tokenized examples out as packed rows for one forward pass.
+
+A DPO step needs log pi(y|x) for every completion of every example. The naive layout
+(TRL's) pads [prompt|chosen] and [prompt|rejected] to one common length, so the prompt
+is computed twice and up to half the slots are padding. Here:
+
+* **Prefix sharing.** An example with several completions is one *segment*
+  ``[prompt | c_1 | c_2 | ...]``. The attention mask lets each completion see the
+  prompt and itself only, and positions restart after the prompt for each
+  completion, so every completion sees exactly what it would see alone. The prompt
+  is computed once.
+* **Packing.** Segments are packed first-fit-decreasing into rows no longer than the
+  longest segment of the micro-batch; the mask is block-diagonal across segments.
+  Rows are therefore never longer than an unpacked padded batch would be, and there
+  are fewer of them.
+* **A gather plan.** For every completion token we record which hidden state predicts
+  it (the previous position, or the prompt's last token for a completion's first
+  token), its target id, and the sequence it belongs to. The LM head then runs on
+  those positions only (see :mod:`prefopt.logprobs`).
+
+Switching either technique off gives the plain layouts, which are kept for the
+benchmark's ablations and as the reference in the equivalence tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from prefopt.data.tokenize import TokenizedExample
+
+
+@dataclass
+class PackedBatch:
+    """Tensors for one micro-batch.
+
+    Sequences are numbered ``example_slot * num_completions + j``: for preference pairs,
+    even ids are chosen completions and odd ids rejected ones.
+    """
+
+    input_ids: torch.Tensor        # [R, L] long
+    position_ids: torch.Tensor     # [R, L] long
+    attention_mask: torch.Tensor   # [R, 1, L, L] bool, True = may attend
+    hidden_index: torch.Tensor     # [T] flat index (r * L + position) of the predicting hidden state
+    target_ids: torch.Tensor       # [T] the completion token to score
+    token_seq: torch.Tensor        # [T] sequence id of each scored token
+    token_pos: torch.Tensor        # [T] 0-based position of the token inside its completion
+    num_seqs: int
+    num_completions: int
+    example_index: torch.Tensor    # [E] dataset index of each example in the batch
+    labels: torch.Tensor | None    # [E] bool, KTO rows only
+    real_tokens: int               # tokens computed that are not padding
+    slots: int                     # R * L, padding included
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_index.numel())
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return PackedBatch(**moved)
+
+
+def _segments(examples: list["TokenizedExample"], prefix_sharing: bool) -> list[list[tuple[int, list[int], int]]]:
+    """Split examples into segments; each segment is a list of parts (seq_id or -1 for prompt, ids, part_no)."""
+    n_comp = len(examples[0].completions)
+    segments = []
+    for slot, ex in enumerate(examples):
+        if len(ex.completions) != n_comp:
+            raise ValueError("all examples of a batch must have the same number of completions")
+        if not ex.prompt_ids:
+            raise ValueError(f"example at line {ex.line} has an empty prompt: the first completion token "
+                             "has no position to be predicted from")
+        prompt = (-1, ex.prompt_ids, 0)
+        comps = [(slot * n_comp + j, c, j + 1) for j, c in enumerate(ex.completions)]
+        if prefix_sharing:
+            segments.append([prompt, *comps])
+        else:
+            segments.extend([prompt, c] for c in comps)
+    return segments
+
+
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of segment indices into rows of ``capacity`` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def collate(
+    examples: list["TokenizedExample"],
+    *,
+    pad_token_id: int,
+    prefix_sharing: bool = True,
+    packing: bool = True,
+    pad_to_multiple_of: int = 1,
+) -> PackedBatch:
+    """Build a :class:`PackedBatch` from examples that all have the same number of completions."""
+    segments = _segments(examples, prefix_sharing)
+    seg_len = [sum(len(ids) for _, ids, _ in seg) for seg in segments]
+    capacity = max(seg_len)
+    rows = _pack(seg_len, capacity) if packing else [[i] for i in range(len(segments))]
+    L = -(-max(sum(seg_len[i] for i in row) for row in rows) // pad_to_multiple_of) * pad_to_multiple_of
+    R = len(rows)
+
+    input_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    seg_id = torch.full((R, L), -1, dtype=torch.long)   # row-local segment number, -1 = padding
+    part_id = torch.zeros((R, L), dtype=torch.long)     # 0 = prompt, j + 1 = completion j
+    hidden_index: list[int] = []
+    target_ids: list[int] = []
+    token_seq: list[int] = []
+    token_pos: list[int] = []
+
+    for r, row in enumerate(rows):
+        cursor = 0
+        for local, s in enumerate(row):
+            seg = segments[s]
+            prompt_ids = seg[0][1]
+            prompt_start, P = cursor, len(prompt_ids)
+            for seq, ids, part in seg:
+                n = len(ids)
+                sl = slice(cursor, cursor + n)
+                input_ids[r, sl] = torch.tensor(ids, dtype=torch.long)
+                start_pos = 0 if part == 0 else P
+                position_ids[r, sl] = torch.arange(start_pos, start_pos + n)
+                seg_id[r, sl] = local
+                part_id[r, sl] = part
+                if part != 0:
+                    # token k is predicted by the hidden state before it; token 0 by the prompt's last.
+                    preds = [prompt_start + P - 1] + list(range(cursor, cursor + n - 1))
+                    hidden_index.extend(r * L + p for p in preds)
+                    target_ids.extend(ids)
+                    token_seq.extend([seq] * n)
+                    token_pos.extend(range(n))
+                cursor += n
+
+    same_seg = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    visible_part = (part_id[:, None, :] == 0) | (part_id[:, :, None] == part_id[:, None, :])
+    mask = same_seg & causal & visible_part
+    mask |= torch.eye(L, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+    labels = None
+    if examples[0].label is not None:
+        labels = torch.tensor([bool(ex.label) for ex in examples])
+    n_comp = len(examples[0].completions)
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask[:, None],
+        hidden_index=torch.tensor(hidden_index, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        token_seq=torch.tensor(token_seq, dtype=torch.long),
+        token_pos=torch.tensor(token_pos, dtype=torch.long),
+        num_seqs=len(examples) * n_comp,
+        num_completions=n_comp,
+        example_index=torch.tensor([ex.index for ex in examples], dtype=torch.long),
+        labels=labels,
+        real_tokens=int(sum(seg_len)),
+        slots=R * L,
+    )
+
+
+def padded_token_count(example: "TokenizedExample") -> int:
+    """Tokens a padded trainer feeds for this example: the prompt once per completion.
+
+    The benchmark counts throughput this way for every trainer, so numbers compare.
+    """
+    return sum(len(example.prompt_ids) + len(c) for c in example.completions)

@@ -1,0 +1,515 @@
+"""Recognise the shape of a data set and turn its rows into typed examples.
+
+Preference data comes in several shapes (see :data:`FORMAT_DESCRIPTIONS`). This module
+finds out which one a file uses from its field names and value types, then converts each
+row into a :class:`PreferencePair` (DPO and friends), an :class:`UnpairedExample` (KTO) or
+an :class:`SFTExample` (supervised fine-tuning), validating as it goes so every problem is
+reported with its file, line and field.
+
+Values are either text (``str``) or conversations: lists of ``{"role", "content"}``
+messages. Within one example the prompt and completions are always the same kind; a
+conversational prompt with a plain-string answer is turned into a one-message assistant
+reply so the chat template can render it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from prefopt.data.load import Row
+from prefopt.errors import DataError
+
+Messages = list[dict]
+Value = Union[str, Messages]
+
+#: What each format name means; used in messages and by ``prefopt data check``.
+FORMAT_DESCRIPTIONS: dict[str, str] = {
+    "standard": "preference pairs of strings: prompt, chosen, rejected",
+    "conversational": "preference pairs of chat messages: prompt, chosen, rejected",
+    "implicit_prompt": "preference pairs of strings without a prompt field: the prompt is "
+                       "the text chosen and rejected share",
+    "implicit_conversational": "preference pairs of full conversations without a prompt "
+                               "field: the prompt is the messages they share",
+    "hh": "Anthropic HH text: chosen and rejected are whole dialogues with "
+          "'\\n\\nHuman:' and '\\n\\nAssistant:' turns",
+    "unpaired": "unpaired (KTO) examples: prompt, completion and a true/false label",
+    "completion": "supervised examples: prompt and completion",
+    "messages": "supervised chat examples: a list of messages",
+}
+
+#: Formats that hold a chosen and a rejected answer per row.
+PREFERENCE_FORMATS = ("standard", "conversational", "implicit_prompt",
+                      "implicit_conversational", "hh")
+
+HUMAN_MARKER = "\n\nHuman:"
+ASSISTANT_MARKER = "\n\nAssistant:"
+
+#: How many leading rows detection looks at to find a non-null value for each field.
+_DETECT_ROWS = 100
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Names of the fields in the user's data, for data sets that use other names.
+
+    For example ``Fields(prompt="question", chosen="good", rejected="bad")``.
+    """
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
+    messages: str = "messages"
+
+
+@dataclass
+class PreferencePair:
+    """One prompt with a preferred and a dispreferred answer, in text or message form."""
+
+    prompt: Value
+    chosen: Value
+    rejected: Value
+    line: int
+    source: str
+
+
+@dataclass
+class UnpairedExample:
+    """One prompt and one answer judged good (``label=True``) or bad, for KTO."""
+
+    prompt: Value
+    completion: Value
+    label: bool
+    line: int
+    source: str
+
+
+@dataclass
+class SFTExample:
+    """One prompt and the answer to imitate."""
+
+    prompt: Value
+    completion: Value
+    line: int
+    source: str
+
+
+def is_messages(value: Any) -> bool:
+    """True when ``value`` is a conversation (a list), as opposed to plain text."""
+    return isinstance(value, list)
+
+
+def detect_format(rows: Sequence[Row], prompt_field: str = "prompt",
+                  chosen_field: str = "chosen", rejected_field: str = "rejected", *,
+                  fields: Fields | None = None) -> str:
+    """Name the format of ``rows``: one of the keys of :data:`FORMAT_DESCRIPTIONS`.
+
+    Decided from which fields exist and whether their values are strings or message
+    lists, looking at the first rows (the first non-null value of each field), so a file
+    with a null in row 1 is still recognised. Pass ``fields`` (or the three ``*_field``
+    names) when the data uses other field names.
+    """
+    f = _fields(fields, prompt_field, chosen_field, rejected_field)
+    if not rows:
+        raise DataError("no rows to detect a format from")
+    sample = rows[:_DETECT_ROWS]
+    present = set().union(*(row.data.keys() for row in sample))
+
+    def first(field: str) -> Any:
+        return next((row.data[field] for row in sample if row.data.get(field) is not None), None)
+
+    if f.chosen in present and f.rejected in present:
+        chosen, rejected = first(f.chosen), first(f.rejected)
+        if f.prompt in present:
+            if is_messages(first(f.prompt)) or is_messages(chosen) or is_messages(rejected):
+                return "conversational"
+            return "standard"
+        if is_messages(chosen) or is_messages(rejected):
+            return "implicit_conversational"
+        if all(isinstance(text, str) and HUMAN_MARKER in text and ASSISTANT_MARKER in text
+               for text in (chosen, rejected)):
+            return "hh"
+        return "implicit_prompt"
+    if f.prompt in present and f.completion in present:
+        return "unpaired" if f.label in present else "completion"
+    if f.messages in present:
+        return "messages"
+    raise DataError(
+        "cannot tell the data format from the fields " + ", ".join(sorted(map(str, present)))
+        + f": expected preference pairs ('{f.prompt}', '{f.chosen}', '{f.rejected}', or "
+        f"just '{f.chosen}' and '{f.rejected}'), unpaired examples ('{f.prompt}', "
+        f"'{f.completion}', '{f.label}'), prompt-completion examples ('{f.prompt}', "
+        f"'{f.completion}') or chat examples ('{f.messages}'); if your fields have other "
+        "names, map them with the prompt/chosen/rejected field options",
+        source=rows[0].source)
+
+
+def to_pairs(rows: Sequence[Row], fmt: str, prompt_field: str = "prompt",
+             chosen_field: str = "chosen", rejected_field: str = "rejected", *,
+             fields: Fields | None = None) -> list[PreferencePair]:
+    """Convert preference rows to :class:`PreferencePair`, stopping at the first bad row.
+
+    How the prompt is found depends on ``fmt``:
+
+    * ``standard`` / ``conversational``: the prompt field. In conversational data a
+      chosen/rejected conversation that repeats the prompt messages first has them
+      removed, and plain strings become one user (prompt) or assistant (answer) message.
+    * ``implicit_prompt``: the longest common prefix of chosen and rejected, cut so that
+      no word is split: when the two texts part inside a word, the cut moves back to the
+      start of that word, and then back over the whitespace before it, so each
+      completion starts with its separating space and a whole word (" Paris" rather than
+      "Paris" after a prompt ending in a space: BPE and SentencePiece vocabularies
+      tokenize the word with its leading space, so this matches how the full text would
+      be tokenized). Text without spaces (for example Chinese) that has no earlier word
+      boundary is cut where the texts part.
+    * ``implicit_conversational``: the longest run of leading messages both share, moved
+      back so each completion starts with an assistant message.
+    * ``hh``: everything up to and including the last ``"\\n\\nAssistant:"`` both share;
+      completions keep their leading space (``" Sure, ..."``).
+    """
+    f = _fields(fields, prompt_field, chosen_field, rejected_field)
+    if fmt not in PREFERENCE_FORMATS:
+        _raise_not_preference(rows, fmt)
+    convert = _PAIR_CONVERTERS[fmt]
+    pairs: list[PreferencePair] = []
+    for row in rows:
+        problems = _row_problems(row, fmt, f)
+        if problems:
+            raise problems[0]
+        pairs.append(convert(row, f))
+    return pairs
+
+
+def validate_rows(rows: Sequence[Row], fmt: str, prompt_field: str = "prompt",
+                  chosen_field: str = "chosen", rejected_field: str = "rejected", *,
+                  fields: Fields | None = None) -> list[DataError]:
+    """Every problem in ``rows`` for format ``fmt``, instead of stopping at the first.
+
+    Used by ``prefopt data check`` so a user can fix a file in one pass. A row with a bad
+    field is reported once per bad field; rows whose fields are fine are also converted,
+    to catch problems only conversion finds (no shared prompt, an HH dialogue without a
+    shared assistant turn, a message list without an assistant reply).
+    """
+    f = _fields(fields, prompt_field, chosen_field, rejected_field)
+    if fmt not in FORMAT_DESCRIPTIONS:
+        raise DataError(f"unknown data format '{fmt}'; known formats: "
+                        + ", ".join(FORMAT_DESCRIPTIONS))
+    convert = _row_converter(fmt)
+    problems: list[DataError] = []
+    for row in rows:
+        row_problems = _row_problems(row, fmt, f)
+        if row_problems:
+            problems.extend(row_problems)
+            continue
+        try:
+            convert(row, f)
+        except DataError as exc:
+            problems.append(exc)
+    return problems
+
+
+def to_unpaired(rows: Sequence[Row], fields: Fields | None = None) -> list[UnpairedExample]:
+    """Convert KTO rows (prompt, completion, label) to :class:`UnpairedExample`.
+
+    The label must be a boolean; the strings ``"true"``/``"false"`` (any case) are
+    accepted because CSV has no boolean type. For preference data use
+    ``pairs_to_unpaired(to_pairs(...))`` instead.
+    """
+    f = fields or Fields()
+    examples: list[UnpairedExample] = []
+    for row in rows:
+        problems = _row_problems(row, "unpaired", f)
+        if problems:
+            raise problems[0]
+        examples.append(_unpaired_from_row(row, f))
+    return examples
+
+
+def pairs_to_unpaired(pairs: Sequence[PreferencePair]) -> list[UnpairedExample]:
+    """Split each pair into a desirable (chosen) and an undesirable (rejected) example.
+
+    This is how KTO trains on preference data; the two examples are kept adjacent so a
+    batch usually holds both halves of a pair.
+    """
+    examples: list[UnpairedExample] = []
+    for pair in pairs:
+        examples.append(UnpairedExample(pair.prompt, pair.chosen, True, pair.line, pair.source))
+        examples.append(UnpairedExample(pair.prompt, pair.rejected, False, pair.line,
+                                        pair.source))
+    return examples
+
+
+def to_sft(rows: Sequence[Row], fmt: str, fields: Fields | None = None) -> list[SFTExample]:
+    """Convert rows of any format to prompt -> answer examples for supervised training.
+
+    Preference data trains on the chosen answer; unpaired (KTO) data on the answers
+    labelled desirable only, since imitating an undesirable answer is never wanted;
+    ``messages`` data on the last assistant message, with every message before it as the
+    prompt (messages after it, such as a trailing user turn, have nothing to train on and
+    are left out).
+    """
+    f = fields or Fields()
+    if fmt in PREFERENCE_FORMATS:
+        return [SFTExample(p.prompt, p.chosen, p.line, p.source)
+                for p in to_pairs(rows, fmt, fields=f)]
+    if fmt == "unpaired":
+        return [SFTExample(e.prompt, e.completion, e.line, e.source)
+                for e in to_unpaired(rows, f) if e.label]
+    if fmt not in ("completion", "messages"):
+        raise DataError(f"unknown data format '{fmt}'; known formats: "
+                        + ", ".join(FORMAT_DESCRIPTIONS))
+    convert = _sft_from_completion_row if fmt == "completion" else _sft_from_messages_row
+    examples: list[SFTExample] = []
+    for row in rows:
+        problems = _row_problems(row, fmt, f)
+        if problems:
+            raise problems[0]
+        examples.append(convert(row, f))
+    return examples
+
+
+# --- field checks ---------------------------------------------------------------------
+
+#: Which kind of value each format needs in each field: "text", "messages", "any"
+#: (text or messages) or "label".
+_FIELD_KINDS: dict[str, Callable[[Fields], list[tuple[str, str]]]] = {
+    "standard": lambda f: [(f.prompt, "text"), (f.chosen, "text"), (f.rejected, "text")],
+    "conversational": lambda f: [(f.prompt, "any"), (f.chosen, "any"), (f.rejected, "any")],
+    "implicit_prompt": lambda f: [(f.chosen, "text"), (f.rejected, "text")],
+    "implicit_conversational": lambda f: [(f.chosen, "messages"), (f.rejected, "messages")],
+    "hh": lambda f: [(f.chosen, "text"), (f.rejected, "text")],
+    "unpaired": lambda f: [(f.prompt, "any"), (f.completion, "any"), (f.label, "label")],
+    "completion": lambda f: [(f.prompt, "any"), (f.completion, "any")],
+    "messages": lambda f: [(f.messages, "messages")],
+}
+
+
+def _row_problems(row: Row, fmt: str, f: Fields) -> list[DataError]:
+    """Every missing, null, mistyped or empty field of ``row`` for format ``fmt``."""
+    problems = []
+    for field, kind in _FIELD_KINDS[fmt](f):
+        message = _field_problem(row.data, field, kind)
+        if message is not None:
+            problems.append(DataError(message, source=row.source, line=row.line, field=field))
+    return problems
+
+
+def _field_problem(data: dict, field: str, kind: str) -> str | None:
+    """Why ``data[field]`` is not a valid value of ``kind``, or None when it is."""
+    if field not in data:
+        return "missing (the row has fields: " + ", ".join(map(str, data)) + ")"
+    value = data[field]
+    if value is None:
+        return "is null"
+    if kind == "label":
+        return None if _parse_label(value) is not None else (
+            f"expected true or false, got {value!r}")
+    if isinstance(value, str):
+        if kind == "messages":
+            return "expected a list of messages ({'role': ..., 'content': ...}), got a string"
+        return "is empty" if not value.strip() else None
+    if isinstance(value, list):
+        if kind == "text":
+            return "expected a string, got a list"
+        return _messages_problem(value)
+    expected = {"text": "a string", "messages": "a list of messages"}.get(
+        kind, "a string or a list of messages")
+    return f"expected {expected}, got {type(value).__name__}"
+
+
+def _messages_problem(messages: list) -> str | None:
+    """Why ``messages`` is not a usable conversation, or None."""
+    if not messages:
+        return "is an empty list of messages"
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            return (f"message {number}: expected an object with 'role' and 'content', "
+                    f"got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                return f"message {number}: missing '{key}'"
+            if not isinstance(message[key], str):
+                got = "null" if message[key] is None else type(message[key]).__name__
+                return f"message {number}: '{key}' must be a string, got {got}"
+        if not message["role"].strip():
+            return f"message {number}: 'role' is empty"
+    if not any(message["content"].strip() for message in messages):
+        return "every message is empty"
+    return None
+
+
+def _parse_label(value: Any) -> bool | None:
+    """A KTO label as a bool: booleans, or "true"/"false" text from CSV; None otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower())
+    return None
+
+
+# --- conversions ----------------------------------------------------------------------
+
+def _clean_messages(messages: list[dict]) -> Messages:
+    """Copy a conversation keeping only role and content, the keys every template reads."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _align(prompt: Value, answers: list[Value]) -> tuple[Value, list[Value]]:
+    """Make the prompt and answers the same kind (all text or all messages).
+
+    If either side is a conversation, text prompts become one user message and text
+    answers one assistant message, and an answer conversation that starts by repeating
+    the prompt messages (as in UltraFeedback-style data) has them removed.
+    """
+    if not is_messages(prompt) and not any(is_messages(a) for a in answers):
+        return prompt, answers
+    prompt_msgs = (_clean_messages(prompt) if is_messages(prompt)
+                   else [{"role": "user", "content": prompt}])
+    aligned: list[Value] = []
+    for answer in answers:
+        msgs = (_clean_messages(answer) if is_messages(answer)
+                else [{"role": "assistant", "content": answer}])
+        n = len(prompt_msgs)
+        if len(msgs) > n and msgs[:n] == prompt_msgs:
+            msgs = msgs[n:]
+        aligned.append(msgs)
+    return prompt_msgs, aligned
+
+
+def _pair_explicit(row: Row, f: Fields) -> PreferencePair:
+    """Standard or conversational row: the prompt is given."""
+    prompt, (chosen, rejected) = _align(row.data[f.prompt],
+                                        [row.data[f.chosen], row.data[f.rejected]])
+    return PreferencePair(prompt, chosen, rejected, row.line, row.source)
+
+
+def _common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two strings or lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _word_boundary_cut(a: str, b: str) -> int:
+    """Where to cut two texts into shared prompt and completions without splitting a word.
+
+    See :func:`to_pairs` for the rule. Returns an index into both strings.
+    """
+    shared = _common_prefix_length(a, b)
+    cut = shared
+    mid_word = cut > 0 and a[cut - 1].isalnum() and any(
+        cut < len(s) and s[cut].isalnum() for s in (a, b))
+    if mid_word:
+        while cut > 0 and a[cut - 1].isalnum():
+            cut -= 1
+        if cut == 0:
+            cut = shared  # one unbroken "word" (text without spaces): cut where they part
+    while cut > 0 and a[cut - 1].isspace():
+        cut -= 1
+    return cut
+
+
+def _pair_implicit_text(row: Row, f: Fields) -> PreferencePair:
+    """Text pair without a prompt: the shared beginning is the prompt."""
+    chosen, rejected = row.data[f.chosen], row.data[f.rejected]
+    cut = _word_boundary_cut(chosen, rejected)
+    if cut == 0 or not chosen[:cut].strip():
+        raise DataError(f"'{f.chosen}' and '{f.rejected}' share no beginning, so no prompt "
+                        f"can be taken from them; add a '{f.prompt}' field",
+                        source=row.source, line=row.line)
+    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source)
+
+
+def _pair_implicit_messages(row: Row, f: Fields) -> PreferencePair:
+    """Conversation pair without a prompt: the shared leading messages are the prompt."""
+    chosen = _clean_messages(row.data[f.chosen])
+    rejected = _clean_messages(row.data[f.rejected])
+    n = min(_common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+    while n > 0 and not (chosen[n]["role"] == rejected[n]["role"] == "assistant"):
+        n -= 1
+    if n <= 0:
+        raise DataError(f"'{f.chosen}' and '{f.rejected}' do not start with the same "
+                        "messages followed by an assistant reply, so no prompt can be taken "
+                        f"from them; add a '{f.prompt}' field",
+                        source=row.source, line=row.line)
+    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], row.line, row.source)
+
+
+def _pair_hh(row: Row, f: Fields) -> PreferencePair:
+    """Anthropic HH dialogue pair: the prompt ends with the last shared assistant marker."""
+    chosen, rejected = row.data[f.chosen], row.data[f.rejected]
+    shared = _common_prefix_length(chosen, rejected)
+    at = chosen.rfind(ASSISTANT_MARKER, 0, shared)
+    if at < 0:
+        raise DataError(f"'{f.chosen}' and '{f.rejected}' share no "
+                        f"{ASSISTANT_MARKER!r} turn, so the prompt cannot be found "
+                        "(Anthropic HH format)", source=row.source, line=row.line)
+    cut = at + len(ASSISTANT_MARKER)
+    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source)
+
+
+_PAIR_CONVERTERS: dict[str, Callable[[Row, Fields], PreferencePair]] = {
+    "standard": _pair_explicit,
+    "conversational": _pair_explicit,
+    "implicit_prompt": _pair_implicit_text,
+    "implicit_conversational": _pair_implicit_messages,
+    "hh": _pair_hh,
+}
+
+
+def _unpaired_from_row(row: Row, f: Fields) -> UnpairedExample:
+    """KTO row whose fields have been checked."""
+    prompt, (completion,) = _align(row.data[f.prompt], [row.data[f.completion]])
+    label = _parse_label(row.data[f.label])
+    assert label is not None  # guaranteed by _row_problems
+    return UnpairedExample(prompt, completion, label, row.line, row.source)
+
+
+def _sft_from_completion_row(row: Row, f: Fields) -> SFTExample:
+    """Prompt/completion row whose fields have been checked."""
+    prompt, (completion,) = _align(row.data[f.prompt], [row.data[f.completion]])
+    return SFTExample(prompt, completion, row.line, row.source)
+
+
+def _sft_from_messages_row(row: Row, f: Fields) -> SFTExample:
+    """Chat row: train on the last assistant message, prompted by everything before it."""
+    messages = _clean_messages(row.data[f.messages])
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise DataError("has no assistant message to learn from",
+                        source=row.source, line=row.line, field=f.messages)
+    if last == 0:
+        raise DataError("the last assistant message has no messages before it to serve as "
+                        "the prompt", source=row.source, line=row.line, field=f.messages)
+    return SFTExample(messages[:last], [messages[last]], row.line, row.source)
+
+
+def _row_converter(fmt: str) -> Callable[[Row, Fields], object]:
+    """The single-row conversion for ``fmt`` (used by :func:`validate_rows`)."""
+    if fmt in _PAIR_CONVERTERS:
+        return _PAIR_CONVERTERS[fmt]
+    return {"unpaired": _unpaired_from_row, "completion": _sft_from_completion_row,
+            "messages": _sft_from_messages_row}[fmt]
+
+
+def _raise_not_preference(rows: Sequence[Row], fmt: str) -> None:
+    """Explain that DPO-style training needs pairs, naming what the data is instead."""
+    source = rows[0].source if rows else None
+    if fmt in FORMAT_DESCRIPTIONS:
+        raise DataError(f"this is {FORMAT_DESCRIPTIONS[fmt]} ('{fmt}' format), not "
+                        "preference pairs: pairwise losses need a chosen and a rejected "
+                        "answer for each prompt", source=source)
+    raise DataError(f"unknown data format '{fmt}'; known formats: "
+                    + ", ".join(FORMAT_DESCRIPTIONS), source=source)
+
+
+def _fields(fields: Fields | None, prompt: str, chosen: str, rejected: str) -> Fields:
+    """``fields`` if given, else a :class:`Fields` from the three ``*_field`` arguments."""
+    if fields is not None:
+        return fields
+    return Fields(prompt=prompt, chosen=chosen, rejected=rejected)

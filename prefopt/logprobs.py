@@ -1,0 +1,143 @@
+"""Per-sequence completion log-probabilities, with the LM head only where it is needed.
+
+``log pi(y|x)`` is the sum over the completion's tokens of ``log softmax(logits)[target]``.
+A causal LM's own forward applies the LM head at every position and returns a
+``[rows, length, vocab]`` tensor; for a 32k vocabulary in float32 that is often the
+largest tensor of the whole step, and most of it (prompt and padding positions) is
+thrown away. Here the decoder runs alone, the hidden states of the positions that
+predict completion tokens are gathered, and the head runs on those in chunks. Each
+chunk is checkpointed, so its ``[chunk, vocab]`` logits are freed after the forward and
+recomputed in the backward: no ``[batch, length, vocab]`` float32 tensor ever exists.
+Log-softmax is taken as ``logit[target] - logsumexp(logits)`` in float32 whatever the
+model's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from prefopt.batching import PackedBatch
+
+
+@dataclass
+class SeqLogps:
+    """Log-probs of every sequence of a batch (see :class:`PackedBatch` for the numbering)."""
+
+    logps: torch.Tensor            # [N] float32, sum of token log-probs
+    tokens: torch.Tensor           # [N] float32, completion token counts
+    token_logps: torch.Tensor      # [T] float32, per scored token (same order as the batch's plan)
+    wpo_logw: torch.Tensor | None  # [N] length-averaged log(p(y_t) / sum_v p(v)^2), when asked
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen, rejected, chosen_tokens, rejected_tokens) for two-completion batches."""
+        return self.logps[0::2], self.logps[1::2], self.tokens[0::2], self.tokens[1::2]
+
+
+def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean masks for SDPA-style kernels; an additive float mask for eager attention."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if impl == "sdpa" or impl == "flex_attention":
+        return mask
+    if "flash" in impl:
+        raise ValueError(
+            "flash-attention kernels take no custom masks, which prefix sharing and packing need; "
+            "load the model with attn_implementation='sdpa'"
+        )
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Run the decoder stack (no LM head) and return the last hidden states ``[R, L, d]``."""
+    decoder = model.get_decoder()
+    out = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """Apply the few architectures' logit transforms that live after the head (Cohere, Gemma 2/3)."""
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_logps(head, config, hidden: torch.Tensor, targets: torch.Tensor, with_wpo: bool):
+    logits = _postprocess_logits(config, head(hidden).float())
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_wpo:
+        return token_logps, token_logps.new_zeros(())
+    # log sum_v p(v)^2 = logsumexp(2 * logits) - 2 * lse
+    log_sq = torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+    return token_logps, log_sq
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    *,
+    chunk_size: int = 1024,
+    full_head: bool = False,
+    with_wpo: bool = False,
+) -> SeqLogps:
+    """Sum of completion-token log-probs for every sequence of ``batch``.
+
+    ``full_head=True`` runs the model's ordinary forward (head over every position,
+    full log-softmax); it exists for the benchmark's ablation and the tests.
+    """
+    head = model.get_output_embeddings()
+    config = model.config
+    if full_head:
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        logp = out.logits.float().log_softmax(-1).flatten(0, 1)
+        token_logps = logp[batch.hidden_index, batch.target_ids]
+        log_sq = torch.logsumexp(2 * logp[batch.hidden_index], dim=-1) if with_wpo else None
+    else:
+        hidden = decoder_hidden_states(model, batch)
+        picked = hidden.flatten(0, 1).index_select(0, batch.hidden_index)
+        parts, sq_parts = [], []
+        grad = torch.is_grad_enabled() and picked.requires_grad
+        for start in range(0, picked.shape[0], chunk_size):
+            h = picked[start:start + chunk_size]
+            t = batch.target_ids[start:start + chunk_size]
+            if grad:
+                lp, sq = checkpoint(_chunk_logps, head, config, h, t, with_wpo, use_reentrant=False)
+            else:
+                lp, sq = _chunk_logps(head, config, h, t, with_wpo)
+            parts.append(lp)
+            sq_parts.append(sq)
+        token_logps = torch.cat(parts) if parts else picked.new_zeros(0, dtype=torch.float32)
+        log_sq = torch.cat(sq_parts) if with_wpo and parts else None
+
+    n = batch.num_seqs
+    seq = batch.token_seq
+    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    tokens = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(
+        0, seq, torch.ones_like(token_logps))
+    wpo_logw = None
+    if with_wpo:
+        per_token = (token_logps - log_sq).detach()
+        wpo_logw = torch.zeros(n, dtype=torch.float32, device=seq.device).index_add(0, seq, per_token) / tokens
+    return SeqLogps(logps=logps, tokens=tokens, token_logps=token_logps, wpo_logw=wpo_logw)

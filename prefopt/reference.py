@@ -1,0 +1,177 @@
+"""The frozen reference policy pi_ref, in the cheapest form that is still exact.
+
+Three forms, chosen by :func:`prefopt.train` from the config:
+
+* :class:`CachedReference` (the default whenever pi_ref is frozen): one no-grad pass
+  over the data before training, stored on disk under a key that hashes the reference
+  weights and the exact token ids (which covers the tokenizer, the data and every
+  tokenization setting). A later run, a sweep over beta or loss, or a resume finds the
+  file and skips the pass; any changed input changes the key, so a cache is never
+  stale. No reference model stays in memory during training.
+* :class:`ModelReference`: a separate frozen model run every step (needed for TR-DPO,
+  whose reference moves, or when caching is switched off).
+* :class:`AdapterDisabledReference`: with LoRA the reference is the base model with
+  the adapters switched off, so no second copy of the weights exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefopt.batching import PackedBatch
+
+# (model, batch) -> per-sequence log-probs [num_seqs] (after any LD-DPO transform)
+SeqScorer = Callable[[torch.nn.Module, PackedBatch], torch.Tensor]
+
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt"))
+
+
+def hash_weights(model: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer, so a changed reference means a new cache key."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        flat = t.reshape(-1).cpu().contiguous()
+        if flat.dtype in (torch.bfloat16, torch.float16):
+            flat = flat.view(torch.int16)
+        elif flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        elif flat.dtype not in (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+                                torch.int8, torch.uint8):
+            flat = flat.float()
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()
+
+
+def hash_examples(examples: Iterable) -> str:
+    """A digest of the exact token ids the reference will score."""
+    h = hashlib.blake2b(digest_size=16)
+    for ex in examples:
+        h.update(json.dumps([ex.prompt_ids, ex.completions]).encode())
+    return h.hexdigest()
+
+
+class CachedReference:
+    """Reference log-probs looked up by dataset index: ``table[index, completion]``."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [num_examples, num_completions] float32
+
+    def logps(self, batch: PackedBatch) -> torch.Tensor:
+        rows = self.table.to(batch.example_index.device)[batch.example_index]
+        return rows.reshape(-1)  # example-major, completion-minor: the batch's sequence numbering
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        batches: Iterable[PackedBatch],
+        num_examples: int,
+        num_completions: int,
+        score: SeqScorer,
+        *,
+        cache_file: Path | None,
+        disable_adapter: bool = False,
+        device: torch.device | str = "cpu",
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple["CachedReference", bool]:
+        """Load the table from ``cache_file`` if present, else compute it (and save it).
+
+        Returns the reference and whether it came from the cache.
+        """
+        if cache_file is not None and cache_file.exists():
+            table = load_file(str(cache_file))["logps"]
+            if table.shape == (num_examples, num_completions):
+                return cls(table), True
+        table = torch.full((num_examples, num_completions), float("nan"))
+        was_training = model.training
+        model.eval()
+        ctx = model.disable_adapter() if disable_adapter else nullcontext()
+        with torch.no_grad(), ctx:
+            for batch in batches:
+                batch = batch.to(device)
+                values = score(model, batch).float().cpu().reshape(-1, num_completions)
+                table[batch.example_index.cpu()] = values
+                if progress:
+                    progress(batch.num_examples)
+        model.train(was_training)
+        if torch.isnan(table).any():
+            raise RuntimeError("reference pass left examples without log-probs")
+        if cache_file is not None:
+            atomic_save_tensors({"logps": table}, cache_file)
+        return cls(table), False
+
+
+class ModelReference:
+    """A separate frozen model, evaluated every step without gradient."""
+
+    def __init__(self, model: torch.nn.Module, score: SeqScorer):
+        self.model = model
+        self.score = score
+        model.eval()
+        model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch: PackedBatch) -> torch.Tensor:
+        return self.score(self.model, batch)
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, mode: str, alpha: float) -> None:
+        """TR-DPO (arXiv 2404.09656): soft ``ref <- a*policy + (1-a)*ref`` or hard ``ref <- policy``."""
+        for p_ref, p in zip(self.model.parameters(), policy.parameters(), strict=True):
+            if mode == "hard":
+                p_ref.copy_(p.detach())
+            else:
+                p_ref.mul_(1 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
+
+
+class AdapterDisabledReference:
+    """LoRA: the policy's own base weights with its adapters switched off."""
+
+    def __init__(self, model: torch.nn.Module, score: SeqScorer):
+        self.model = model
+        self.score = score
+
+    @torch.no_grad()
+    def logps(self, batch: PackedBatch) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        with self.model.disable_adapter():
+            out = self.score(self.model, batch)
+        self.model.train(was_training)
+        return out
+
+
+def cache_key(weights_digest: str, examples_digest: str, extra: dict) -> str:
+    """The cache file name: weights, token ids and anything else that changes the numbers."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"v": CACHE_VERSION, "w": weights_digest, "x": examples_digest, **extra},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,103 @@
+"""Score a preference file with a policy and a reference, without training (`prefopt eval`)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefopt.batching import collate
+from prefopt.config import TrainConfig, validate
+from prefopt.inputs import prepare_examples
+from prefopt.logprobs import completion_logps
+from prefopt.losses import LossParams, PairLogps, compute_loss, needs_reference
+from prefopt.modeling import load_causal_lm, load_tokenizer
+from prefopt.train import effective_logps, loss_params
+
+log = logging.getLogger("prefopt")
+
+
+@torch.no_grad()
+def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, token counts), each [num_examples, num_completions], in example order."""
+    model.eval()
+    n_comp = len(examples[0].completions)
+    logps = torch.zeros(len(examples), n_comp)
+    tokens = torch.zeros(len(examples), n_comp)
+    device = next(model.parameters()).device
+    size = cfg.eval_batch_size or cfg.batch_size
+    for start in range(0, len(examples), size):
+        batch = collate(examples[start:start + size], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
+                        packing=cfg.packing).to(device)
+        seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size)
+        idx = batch.example_index.cpu()
+        logps[idx] = effective_logps(seq, batch, cfg, n_comp).float().cpu().view(-1, n_comp)
+        tokens[idx] = seq.tokens.cpu().view(-1, n_comp)
+    return logps, tokens
+
+
+def score_file(cfg: TrainConfig) -> dict[str, Any]:
+    """Loss, reward metrics and per-example log-probs of ``cfg.data`` under policy and reference."""
+    validate(cfg)
+    if not cfg.model:
+        raise_missing("--model")
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    cfg.eval_fraction = 0.0
+    cfg.eval_data = None
+    data = prepare_examples(cfg, tokenizer, "pairs", None)
+    examples = data.train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load(name: str):
+        return load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                              trust_remote_code=cfg.trust_remote_code).to(device)
+
+    policy = load(cfg.model)
+    pol, tok = sequence_table(policy, examples, cfg, tokenizer.pad_token_id)
+    del policy
+    ref = None
+    if needs_reference(cfg.loss_type, cfg.reference_free):
+        ref_model = load(cfg.ref_model or cfg.model)
+        ref, _ = sequence_table(ref_model, examples, cfg, tokenizer.pad_token_id)
+        del ref_model
+    params: LossParams = loss_params(cfg)
+    policy_pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+    ref_pairs = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
+    out = compute_loss(cfg.loss_type, cfg.loss_weights, policy_pairs, ref_pairs, params)
+    margins = out.chosen_rewards - out.rejected_rewards
+    result: dict[str, Any] = {
+        "data": cfg.data,
+        "summary": data.summary,
+        "loss": out.losses.mean().item(),
+        "rewards/chosen": out.chosen_rewards.mean().item(),
+        "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/margins": margins.mean().item(),
+        "rewards/accuracies": (margins > 0).float().mean().item(),
+        "logps/chosen": pol[:, 0].mean().item(),
+        "logps/rejected": pol[:, 1].mean().item(),
+        **{k: v.item() for k, v in out.metrics.items()},
+        "per_example": [],
+    }
+    for i, ex in enumerate(examples):
+        row = {"line": ex.line, "policy_chosen_logps": pol[i, 0].item(), "policy_rejected_logps": pol[i, 1].item()}
+        if ref is not None:
+            row.update(ref_chosen_logps=ref[i, 0].item(), ref_rejected_logps=ref[i, 1].item())
+        row["loss"] = out.losses[i].item()
+        result["per_example"].append(row)
+    return result
+
+
+def raise_missing(option: str) -> None:
+    from prefopt.errors import ConfigError
+
+    raise ConfigError(f"{option} is required")
+
+
+def write_json(obj: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,590 @@
+"""The training loop: DPO and its family (and SFT, and KTO) on accelerate.
+
+One function, :func:`train`, reads top to bottom as the recipe: set up the run
+directory, load data and models, settle the reference, then loop over optimizer steps.
+Each step takes ``grad_accum`` micro-batches, normalises the loss over every pair of
+the accumulated global batch (not per micro-batch), skips non-finite updates, logs the
+metrics averaged over the window and across processes, and checkpoints atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from prefopt import checkpoint as ckpt
+from prefopt.batching import PackedBatch, collate
+from prefopt.config import TrainConfig, validate
+from prefopt.errors import ConfigError, TrainingError
+from prefopt.inputs import Examples, prepare_examples
+from prefopt.logprobs import SeqLogps, completion_logps
+from prefopt.losses import (
+    LossOutput,
+    LossParams,
+    PairLogps,
+    check_loss_options,
+    compute_loss,
+    kto_loss,
+    ld_logps,
+    needs_reference,
+    wpo_pair_weights,
+)
+from prefopt.modeling import (
+    apply_lora,
+    count_parameters,
+    is_adapter_dir,
+    load_adapter_model,
+    load_causal_lm,
+    load_tokenizer,
+)
+from prefopt.reference import (
+    AdapterDisabledReference,
+    CachedReference,
+    ModelReference,
+    cache_key,
+    default_cache_dir,
+    hash_examples,
+    hash_weights,
+)
+
+log = logging.getLogger("prefopt")
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def job_mode(cfg: TrainConfig) -> str:
+    """'sft' (one completion, no reference), 'kto' (unpaired) or 'pairs'."""
+    if "kto" in cfg.loss_type:
+        if len(cfg.loss_type) > 1:
+            raise ConfigError("--loss-type: kto trains on unpaired data and cannot be combined with other losses")
+        return "kto"
+    if cfg.loss_type == ["sft"]:
+        return "sft"
+    return "pairs"
+
+
+def loss_params(cfg: TrainConfig) -> LossParams:
+    names = LossParams.__dataclass_fields__
+    return LossParams(**{k: v for k, v in cfg.to_dict().items() if k in names})
+
+
+def prepare_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    """Refuse to mix two runs in one directory unless told to overwrite or resume."""
+    if not cfg.output_dir:
+        raise ConfigError("--output-dir is required")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: exists and is not a directory")
+    existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    if existing and cfg.resume is None:
+        if not cfg.overwrite:
+            raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}); pass --resume latest "
+                              "to continue it or --overwrite to replace it")
+        if accelerator.is_main_process:
+            for m in (*RUN_MARKERS, "rejected_rows.jsonl", "eval_results.json", "trackers"):
+                p = out / m
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except OSError as e:
+            raise ConfigError(f"--output-dir {out}: cannot write there ({e.strerror})") from None
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _score_fn(cfg: TrainConfig, num_completions: int):
+    """(model, batch) -> per-sequence log-probs, LD-DPO-weighted when asked."""
+
+    def score(model, batch: PackedBatch) -> torch.Tensor:
+        seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size, full_head=cfg.full_lm_head)
+        return effective_logps(seq, batch, cfg, num_completions)
+
+    return score
+
+
+def effective_logps(seq: SeqLogps, batch: PackedBatch, cfg: TrainConfig, num_completions: int) -> torch.Tensor:
+    """Summed log-probs, or LD-DPO's (arXiv 2409.06411) length-desensitised sums for pairs."""
+    if cfg.ld_alpha is None or num_completions != 2:
+        return seq.logps
+    public = torch.minimum(seq.tokens[0::2], seq.tokens[1::2]).repeat_interleave(2)
+    return ld_logps(seq.token_logps, batch.token_seq, batch.token_pos, public, cfg.ld_alpha)
+
+
+def _batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return (collate([examples[j] for j in c], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
+                    packing=cfg.packing) for c in chunks)
+
+
+def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int):
+    """Return (train_reference, eval_reference) or (None, None) for reference-free training."""
+    if mode == "sft" or not needs_reference(cfg.loss_type, cfg.reference_free):
+        if cfg.ref_model and "ref_model" in getattr(cfg, "_explicit", set()):
+            log.warning("--ref-model is ignored: %s needs no reference model", "+".join(cfg.loss_type))
+        return None, None
+    score = _score_fn(cfg, num_completions)
+    separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
+    if cfg.ref_cache and cfg.ref_sync == "none":
+        ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                             trust_remote_code=cfg.trust_remote_code) if separate else policy
+        ref.to(accelerator.device)
+        weights = hash_weights(ref)
+        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
+        extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "full_head": cfg.full_lm_head,
+                 "attn": cfg.attn_implementation}
+        tables = []
+        for examples in (data.train, data.eval):
+            if not examples:
+                tables.append(None)
+                continue
+            key = cache_key(weights, hash_examples(examples), extra)
+            path = cache_root / "ref_logps" / f"{key}.safetensors"
+            with accelerator.main_process_first():
+                table, hit = CachedReference.build(
+                    ref, _batches(examples, list(range(len(examples))), batch, tokenizer.pad_token_id, cfg),
+                    len(examples), num_completions, score, cache_file=path, device=accelerator.device)
+            accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
+                              f"({len(examples)} examples) {path}")
+            tables.append(table)
+        if separate:
+            del ref
+        return tables[0], tables[1]
+    if cfg.lora_r > 0 and not separate:
+        live = AdapterDisabledReference(policy, score)
+        return live, live
+    ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                         trust_remote_code=cfg.trust_remote_code)
+    ref.to(accelerator.device)
+    live = ModelReference(ref, score)
+    return live, live
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=cfg.weight_decay)
+
+
+def epoch_order(n: int, epoch: int, cfg: TrainConfig) -> list[int]:
+    """The example order of one epoch: depends only on (seed, epoch), so a resume replays it."""
+    if not cfg.shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepStats:
+    """Sums over the pairs of an accumulation window; divided by the pair count when logged."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    pairs: float = 0.0
+    real_tokens: int = 0
+
+    def add(self, name: str, total: torch.Tensor | float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(total)
+
+
+def forward_loss(model, batch: PackedBatch, reference, cfg: TrainConfig, mode: str,
+                 params: LossParams) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+    """Per-pair losses for one micro-batch (policy forward with grad, reference without)."""
+    n_comp = batch.num_completions
+    seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size, full_head=cfg.full_lm_head,
+                           with_wpo=cfg.wpo_weighting)
+    pol = effective_logps(seq, batch, cfg, n_comp).view(-1, n_comp)
+    tok = seq.tokens.view(-1, n_comp)
+    ref = None
+    if reference is not None:
+        ref = reference.logps(batch).to(pol.device).view(-1, n_comp)
+    if mode == "sft":
+        policy = PairLogps(pol[:, 0], pol[:, 0], tok[:, 0], tok[:, 0])
+        out = compute_loss(["sft"], None, policy, None, params)
+        return out.losses, out, policy
+    if mode == "kto":
+        policy = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+        out = kto_loss(pol[:, 0], ref[:, 0], batch.labels, pol[:, 1], ref[:, 1], params)
+        return out.losses, out, policy
+    policy = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+    ref_pair = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
+    weights = None
+    if cfg.wpo_weighting:
+        logw = seq.wpo_logw.view(-1, n_comp)
+        weights = wpo_pair_weights(logw[:, 0], logw[:, 1])
+    out = compute_loss(cfg.loss_type, cfg.loss_weights, policy, ref_pair, params, sample_weights=weights)
+    return out.losses, out, policy
+
+
+def record(stats: StepStats, out: LossOutput, policy: PairLogps, losses: torch.Tensor, mode: str,
+           labels: torch.Tensor | None) -> None:
+    n = losses.numel()
+    stats.pairs += n
+    stats.add("loss", losses.detach().sum())
+    stats.add("logps/chosen", policy.chosen.detach().sum())
+    stats.add("logps/rejected", policy.rejected.detach().sum())
+    if mode == "kto":
+        d = labels.bool()
+        stats.add("kto/desirable", d.sum())
+        stats.add("kto/undesirable", (~d).sum())
+        stats.add("rewards/chosen@kto", out.chosen_rewards[d].sum() if d.any() else 0.0)
+        stats.add("rewards/rejected@kto", out.rejected_rewards[~d].sum() if (~d).any() else 0.0)
+    elif mode == "pairs":
+        margins = out.chosen_rewards - out.rejected_rewards
+        stats.add("rewards/chosen", out.chosen_rewards.sum())
+        stats.add("rewards/rejected", out.rejected_rewards.sum())
+        stats.add("rewards/margins", margins.sum())
+        stats.add("rewards/accuracies", (margins > 0).float().sum())
+    for name, value in out.metrics.items():
+        stats.add(name, value.detach().float() * n)
+
+
+def finish_stats(stats: StepStats, accelerator: Accelerator) -> dict[str, float]:
+    """Average the window's sums over all pairs of all processes."""
+    names = sorted(stats.sums)
+    local = torch.tensor([stats.pairs, *[stats.sums[k] for k in names]], dtype=torch.float64,
+                         device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    pairs = max(total[0], 1.0)
+    out = {k: v / pairs for k, v in zip(names, total[1:])}
+    if "kto/desirable" in out:  # KTO rewards average over their own rows, not all rows
+        d, u = out.pop("kto/desirable") * pairs, out.pop("kto/undesirable") * pairs
+        out["rewards/chosen"] = out.pop("rewards/chosen@kto") * pairs / max(d, 1.0)
+        out["rewards/rejected"] = out.pop("rewards/rejected@kto") * pairs / max(u, 1.0)
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: LossParams, accelerator,
+             pad_id: int) -> dict[str, float]:
+    """Loss and reward metrics over held-out examples (each process takes a share)."""
+    was_training = model.training
+    model.eval()
+    stats = StepStats()
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    order = list(range(len(examples)))[accelerator.process_index::accelerator.num_processes]
+    for batch in _batches(examples, order, batch_size, pad_id, cfg):
+        batch = batch.to(accelerator.device)
+        losses, out, policy = forward_loss(model, batch, reference, cfg, mode, params)
+        record(stats, out, policy, losses, mode, batch.labels)
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in finish_stats(stats, accelerator).items()}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def total_steps(cfg: TrainConfig, n_examples: int, num_processes: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches per process per epoch)."""
+    batches = math.ceil(n_examples / cfg.batch_size)
+    per_process = math.ceil(batches / num_processes)
+    if cfg.max_steps is not None:
+        return cfg.max_steps, per_process
+    return max(1, math.ceil(cfg.epochs * per_process / cfg.grad_accum)), per_process
+
+
+def _microbatches(examples, cfg, pad_id: int, accelerator, start_epoch: int, skip: int):
+    """Endless stream of (epoch, micro-batch) for this process, skipping ``skip`` micro-batches first."""
+    epoch = start_epoch
+    while True:
+        order = epoch_order(len(examples), epoch, cfg)
+        chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        loader = DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=lambda idx: collate(
+            [examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
+            packing=cfg.packing))
+        loader = accelerator.prepare_data_loader(loader)
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+            skip = 0
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/)."""
+    validate(cfg)
+    explicit = set(explicit or ())
+    mode = job_mode(cfg)
+    params = loss_params(cfg)
+    for warning in check_loss_options(cfg.loss_type, cfg.loss_weights, explicit, params):
+        log.warning(warning)
+    if cfg.ref_sync != "none" and not needs_reference(cfg.loss_type, cfg.reference_free):
+        raise ConfigError("--ref-sync updates a reference model, but the chosen loss uses none")
+
+    accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_dir=cfg.output_dir)
+    out_dir = prepare_output_dir(cfg, accelerator)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code)
+    data = prepare_examples(cfg, tokenizer, mode, out_dir if accelerator.is_main_process else None)
+    accelerator.print(f"data: {data.summary}")
+    pad_id = tokenizer.pad_token_id
+    n_comp = len(data.train[0].completions)
+
+    adapter = cfg.model is not None and is_adapter_dir(cfg.model)
+    base_name = json.loads((Path(cfg.model) / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        if adapter else cfg.model
+    policy = load_causal_lm(base_name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                            trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    if adapter:
+        if not cfg.ref_cache and cfg.ref_model is None:
+            raise ConfigError("continuing an existing LoRA adapter uses its starting state as the reference, "
+                              "which needs the reference cache: drop --no-ref-cache or give --ref-model")
+        policy = load_adapter_model(policy, cfg.model, trainable=True)
+    policy.to(accelerator.device)
+    # The reference is settled before LoRA is added: at that point the policy *is* the reference.
+    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp)
+    if cfg.lora_r > 0 and not adapter:
+        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+        if isinstance(ref_train, AdapterDisabledReference):
+            ref_train = ref_eval = AdapterDisabledReference(policy, ref_train.score)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "enable_input_require_grads"):
+            policy.enable_input_require_grads()
+    if cfg.compile:
+        policy.get_decoder().compile()
+    total, trainable = count_parameters(policy)
+    accelerator.print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained; "
+                      f"reference: {type(ref_train).__name__ if ref_train else 'none (reference-free)'}")
+
+    steps, per_epoch = total_steps(cfg, len(data.train), accelerator.num_processes)
+    optimizer = build_optimizer(cfg, policy)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("prefopt", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                     for k, v in cfg.to_dict().items()})
+
+    state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+    metrics_path = out_dir / "metrics.jsonl"
+    if cfg.resume is not None:
+        path = ckpt.resolve_resume(out_dir, cfg.resume)
+        accelerator.load_state(str(path))
+        state.update(ckpt.read_state(path))
+        _truncate_metrics(metrics_path, state["step"], accelerator)
+        accelerator.print(f"resumed from {path} at step {state['step']}")
+    elif accelerator.is_main_process:
+        metrics_path.write_text("")
+
+    start_epoch, skip = divmod(state["micro_batches"], per_epoch)
+    stream = _microbatches(data.train, cfg, pad_id, accelerator, start_epoch, skip)
+    progress = _progress(cfg, accelerator, steps, state["step"])
+    policy.train()
+    window = StepStats()
+    last_log = time.perf_counter()
+    ln2_steps = 0
+    final_metrics: dict[str, Any] = {}
+
+    while state["step"] < steps:
+        micro = []
+        for _ in range(cfg.grad_accum):
+            epoch, batch = next(stream)
+            micro.append(batch)
+        local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
+        global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
+        stats = StepStats()
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = accelerator.no_sync(policy) if not sync else _null()
+            with ctx:
+                losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params)
+                loss = losses.sum() * accelerator.num_processes / global_pairs
+                accelerator.backward(loss)
+            record(stats, out, pol, losses, mode, batch.labels)
+            stats.real_tokens += batch.real_tokens
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
+                                                cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        step_metrics = finish_stats(stats, accelerator)
+        step_metrics["grad_norm"] = grad_norm
+        finite = math.isfinite(step_metrics["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            state["nonfinite_in_a_row"] = 0
+        else:
+            state["nonfinite_steps"] += 1
+            state["nonfinite_in_a_row"] += 1
+            accelerator.print(f"step {state['step'] + 1}: non-finite loss or gradient; update skipped "
+                              f"({state['nonfinite_in_a_row']} in a row)")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["micro_batches"] += len(micro)
+        state["pairs_seen"] += int(global_pairs)
+        if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"{state['nonfinite_in_a_row']} non-finite steps in a row (step {state['step']}); stopping. "
+                f"The newest checkpoint is the last good state. Lower --learning-rate, use --dtype bfloat16 "
+                f"instead of float16, or check the data; raise --max-nonfinite-steps to tolerate more")
+
+        _merge_window(window, stats, step_metrics, finite)
+        if mode == "pairs" and finite and abs(step_metrics["loss"] - math.log(2)) < 1e-4 \
+                and abs(step_metrics.get("rewards/margins", 0.0)) < 1e-6 and state["step"] > warmup:
+            ln2_steps += 1
+            if ln2_steps == 20:
+                log.warning("loss has stayed at ln 2 with zero margins for 20 steps after warmup: the policy is "
+                            "not moving. Likely causes: a learning rate too small for the dtype, all parameters "
+                            "frozen, chosen identical to rejected, or a reference that is the policy itself "
+                            "being updated")
+        else:
+            ln2_steps = 0
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
+                                 acc=f"{step_metrics.get('rewards/accuracies', float('nan')):.2f}",
+                                 margin=f"{step_metrics.get('rewards/margins', float('nan')):.3f}")
+
+        if state["step"] % cfg.logging_steps == 0 or state["step"] == steps:
+            now = time.perf_counter()
+            row = _window_row(window, state, epoch, per_epoch, scheduler, accelerator, now - last_log)
+            last_log = now
+            window = StepStats()
+            if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and data.eval and state["step"] != steps:
+                row.update(evaluate(policy, data.eval, ref_eval, cfg, mode, params, accelerator, pad_id))
+            _log_row(row, metrics_path, accelerator)
+            final_metrics = row
+        if cfg.ref_sync != "none" and state["step"] % cfg.ref_sync_steps == 0:
+            ref_train.sync(accelerator.unwrap_model(policy), cfg.ref_sync, cfg.ref_sync_alpha)
+        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] != steps:
+            ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
+
+    if progress is not None:
+        progress.close()
+    if data.eval:
+        eval_row = {"step": state["step"], **evaluate(policy, data.eval, ref_eval, cfg, mode, params,
+                                                      accelerator, pad_id)}
+        _log_row(eval_row, metrics_path, accelerator)
+        final_metrics.update(eval_row)
+    if cfg.save_steps:
+        ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
+    save_final(cfg, accelerator, policy, tokenizer, out_dir, final_metrics, data)
+    accelerator.end_training()
+    return final_metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _merge_window(window: StepStats, stats: StepStats, step_metrics: dict[str, float], finite: bool) -> None:
+    """Accumulate a step's averaged metrics into the logging window (non-finite steps counted apart)."""
+    window.real_tokens += stats.real_tokens
+    if not finite:
+        return
+    window.pairs += 1
+    for k, v in step_metrics.items():
+        window.add(k, v)
+
+
+def _window_row(window: StepStats, state, epoch: int, per_epoch: int, scheduler, accelerator,
+                seconds: float) -> dict[str, Any]:
+    steps = max(window.pairs, 1.0)
+    row: dict[str, Any] = {"step": state["step"], "epoch": round(state["micro_batches"] / per_epoch, 4)}
+    for k, v in window.sums.items():
+        row[k] = v / steps
+    row["learning_rate"] = scheduler.get_last_lr()[0]
+    tokens = accelerator.reduce(torch.tensor(float(window.real_tokens), device=accelerator.device),
+                                reduction="sum").item()
+    row["tokens_per_second"] = tokens / max(seconds, 1e-9)
+    row["pairs_seen"] = state["pairs_seen"]
+    row["nonfinite_steps"] = state["nonfinite_steps"]
+    return row
+
+
+def _log_row(row: dict[str, Any], path: Path, accelerator) -> None:
+    if accelerator.is_main_process:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                    step=row["step"])
+
+
+def _truncate_metrics(path: Path, step: int, accelerator) -> None:
+    """On resume, drop metric rows logged after the checkpoint so the file reads as one clean run."""
+    if not accelerator.is_main_process or not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress(cfg: TrainConfig, accelerator, steps: int, start: int):
+    if not cfg.progress or not accelerator.is_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+def save_final(cfg: TrainConfig, accelerator, policy, tokenizer, out_dir: Path, metrics: dict[str, Any],
+               data: Examples) -> Path:
+    """final/: safetensors weights + tokenizer, loadable with AutoModelForCausalLM, and a model card."""
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(policy)
+    if cfg.merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    state_dict = accelerator.get_state_dict(policy) if not cfg.merge_lora else None
+    if accelerator.is_main_process:
+        tmp = out_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None and cfg.lora_r == 0 else {}))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg, metrics, data))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def model_card(cfg: TrainConfig, metrics: dict[str, Any], data: Examples) -> str:
+    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+    settings = {k: v for k, v in cfg.to_dict().items() if k in (
+        "loss_type", "beta", "label_smoothing", "learning_rate", "optimizer", "lr_scheduler", "batch_size",
+        "grad_accum", "max_steps", "epochs", "max_length", "max_prompt_length", "dtype", "lora_r", "seed")}
+    return (
+        f"# {Path(cfg.output_dir).name}\n\n"
+        f"Trained with prefopt ({'+'.join(cfg.loss_type)}).\n\n"
+        f"- base model: `{cfg.model}`\n- reference: `{cfg.ref_model or cfg.model}`\n"
+        f"- data: `{cfg.data}` ({data.summary})\n\n"
+        f"## Settings\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n\n"
+        f"## Final metrics\n\n```json\n{json.dumps(shown, indent=1)}\n```\n"
+    )
