@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class TrainConfig:
     desirable_weight: float = opt(1.0, "KTO weight of desirable examples", group="loss")
     undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples", group="loss")
     cpo_alpha: float = opt(1.0, "weight of CPO's NLL term", group="loss")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature of its log-ratio modulation", group="loss")
+    bco_delta: float = opt(0.0, "BCO reward shift delta", group="loss")
     wpo_weighting: bool = opt(False, "weight pairs by their probability under the policy (WPO)", group="loss")
     ld_alpha: float | None = opt(None, "LD-DPO: weight of tokens beyond the shorter completion's length",
                                  group="loss")
@@ -141,10 +144,7 @@ def _closest(name: str) -> str:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Check a YAML value against the field's type, converting ints to floats where floats are wanted."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    optional, base = _unwrap_optional(typing.get_type_hints(TrainConfig)[name])
     if value is None:
         if optional:
             return None
@@ -156,6 +156,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             value = [value]
         return [_coerce_scalar(name, v, item, where) for v in value]
     return _coerce_scalar(name, value, base, where)
+
+
+def _unwrap_optional(hint) -> tuple[bool, Any]:
+    """(is it Optional, the type inside): ``int | None`` -> (True, int); ``list[str]`` -> (False, list[str])."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return True, next(a for a in args if a is not type(None))
+    return False, hint
 
 
 def _coerce_scalar(name: str, value: Any, typ: type, where: str) -> Any:
@@ -203,9 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: set[str] = frozenset
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        base = args[0]
+        optional, base = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{meta['help']} (default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -216,9 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: set[str] = frozenset
             (item,) = typing.get_args(base)
             group.add_argument(flag, nargs="+", type=item, metavar=f.name.upper(), **kw)
             continue
-        typ = base
-        if type(None) in typing.get_args(hint):
-            typ = _optional(base)
+        typ = _optional(base) if optional else base
         group.add_argument(flag, type=typ, choices=meta["choices"], metavar=None if meta["choices"] else
                            f.name.upper(), **kw)
 

@@ -141,3 +141,22 @@ def completion_logps(
         per_token = (token_logps - log_sq).detach()
         wpo_logw = torch.zeros(n, dtype=torch.float32, device=seq.device).index_add(0, seq, per_token) / tokens
     return SeqLogps(logps=logps, tokens=tokens, token_logps=token_logps, wpo_logw=wpo_logw)
+
+
+class CompletionLogpsModel(torch.nn.Module):
+    """A causal LM whose forward returns completion log-probs.
+
+    Distributed wrappers (DDP, FSDP, DeepSpeed) hook into a module's ``forward``; calling
+    the decoder and head of a wrapped model directly would bypass them. Wrapping the
+    whole log-prob computation in one module lets ``accelerator.prepare`` wrap *this*.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, full_head: bool = False):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.full_head = full_head
+
+    def forward(self, batch: PackedBatch, with_wpo: bool = False) -> SeqLogps:
+        return completion_logps(self.model, batch, chunk_size=self.chunk_size, full_head=self.full_head,
+                                with_wpo=with_wpo)

@@ -29,7 +29,7 @@ from prefopt.batching import PackedBatch, collate
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
-from prefopt.logprobs import SeqLogps, completion_logps
+from prefopt.logprobs import CompletionLogpsModel, SeqLogps, completion_logps
 from prefopt.losses import (
     LossOutput,
     LossParams,
@@ -211,33 +211,36 @@ class StepStats:
         self.sums[name] = self.sums.get(name, 0.0) + float(total)
 
 
-def forward_loss(model, batch: PackedBatch, reference, cfg: TrainConfig, mode: str,
+def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cfg: TrainConfig, mode: str,
                  params: LossParams) -> tuple[torch.Tensor, LossOutput, PairLogps]:
-    """Per-pair losses for one micro-batch (policy forward with grad, reference without)."""
+    """Per-pair losses for one micro-batch (policy forward with grad, reference without).
+
+    ``policy`` is the (possibly DDP/FSDP-wrapped) :class:`CompletionLogpsModel`.
+    """
     n_comp = batch.num_completions
-    seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size, full_head=cfg.full_lm_head,
-                           with_wpo=cfg.wpo_weighting)
+    seq = policy(batch, with_wpo=cfg.wpo_weighting)
     pol = effective_logps(seq, batch, cfg, n_comp).view(-1, n_comp)
     tok = seq.tokens.view(-1, n_comp)
     ref = None
     if reference is not None:
         ref = reference.logps(batch).to(pol.device).view(-1, n_comp)
     if mode == "sft":
-        policy = PairLogps(pol[:, 0], pol[:, 0], tok[:, 0], tok[:, 0])
-        out = compute_loss(["sft"], None, policy, None, params)
-        return out.losses, out, policy
+        pairs = PairLogps(pol[:, 0], pol[:, 0], tok[:, 0], tok[:, 0])
+        out = compute_loss(["sft"], None, pairs, None, params)
+        return out.losses, out, pairs
     if mode == "kto":
-        policy = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
-        out = kto_loss(pol[:, 0], ref[:, 0], batch.labels, pol[:, 1], ref[:, 1], params)
-        return out.losses, out, policy
-    policy = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+        pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+        ref_own, ref_kl = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
+        out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params)
+        return out.losses, out, pairs
+    pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
     ref_pair = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
     weights = None
     if cfg.wpo_weighting:
         logw = seq.wpo_logw.view(-1, n_comp)
         weights = wpo_pair_weights(logw[:, 0], logw[:, 1])
-    out = compute_loss(cfg.loss_type, cfg.loss_weights, policy, ref_pair, params, sample_weights=weights)
-    return out.losses, out, policy
+    out = compute_loss(cfg.loss_type, cfg.loss_weights, pairs, ref_pair, params, sample_weights=weights)
+    return out.losses, out, pairs
 
 
 def record(stats: StepStats, out: LossOutput, policy: PairLogps, losses: torch.Tensor, mode: str,
@@ -251,8 +254,9 @@ def record(stats: StepStats, out: LossOutput, policy: PairLogps, losses: torch.T
         d = labels.bool()
         stats.add("kto/desirable", d.sum())
         stats.add("kto/undesirable", (~d).sum())
-        stats.add("rewards/chosen@kto", out.chosen_rewards[d].sum() if d.any() else 0.0)
-        stats.add("rewards/rejected@kto", out.rejected_rewards[~d].sum() if (~d).any() else 0.0)
+        # kto_loss returns the rewards of desirable rows and of undesirable rows separately
+        stats.add("rewards/chosen@kto", out.chosen_rewards.sum())
+        stats.add("rewards/rejected@kto", out.rejected_rewards.sum())
     elif mode == "pairs":
         margins = out.chosen_rewards - out.rejected_rewards
         stats.add("rewards/chosen", out.chosen_rewards.sum())
@@ -311,15 +315,28 @@ def total_steps(cfg: TrainConfig, n_examples: int, num_processes: int) -> tuple[
     return max(1, math.ceil(cfg.epochs * per_process / cfg.grad_accum)), per_process
 
 
+class FixedBatches:
+    """A batch sampler that yields precomputed index lists (accelerate shards it across processes)."""
+
+    def __init__(self, chunks: list[list[int]], batch_size: int):
+        self.chunks, self.batch_size, self.drop_last = chunks, batch_size, False
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
 def _microbatches(examples, cfg, pad_id: int, accelerator, start_epoch: int, skip: int):
     """Endless stream of (epoch, micro-batch) for this process, skipping ``skip`` micro-batches first."""
     epoch = start_epoch
     while True:
         order = epoch_order(len(examples), epoch, cfg)
         chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        loader = DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=lambda idx: collate(
-            [examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-            packing=cfg.packing))
+        loader = DataLoader(range(len(examples)), batch_sampler=FixedBatches(chunks, cfg.batch_size),
+                            collate_fn=lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id,
+                                                           prefix_sharing=cfg.prefix_sharing, packing=cfg.packing))
         loader = accelerator.prepare_data_loader(loader)
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
@@ -380,6 +397,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
                       f"reference: {type(ref_train).__name__ if ref_train else 'none (reference-free)'}")
 
     steps, per_epoch = total_steps(cfg, len(data.train), accelerator.num_processes)
+    model = policy  # the transformers / peft model; `policy` becomes its log-prob wrapper for accelerate
+    policy = CompletionLogpsModel(model, cfg.lm_head_chunk_size, cfg.full_lm_head)
     optimizer = build_optimizer(cfg, policy)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
@@ -478,7 +497,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
             _log_row(row, metrics_path, accelerator)
             final_metrics = row
         if cfg.ref_sync != "none" and state["step"] % cfg.ref_sync_steps == 0:
-            ref_train.sync(accelerator.unwrap_model(policy), cfg.ref_sync, cfg.ref_sync_alpha)
+            ref_train.sync(accelerator.unwrap_model(policy).model, cfg.ref_sync, cfg.ref_sync_alpha)
         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] != steps:
             ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
 
@@ -558,10 +577,13 @@ def save_final(cfg: TrainConfig, accelerator, policy, tokenizer, out_dir: Path, 
     """final/: safetensors weights + tokenizer, loadable with AutoModelForCausalLM, and a model card."""
     final = out_dir / "final"
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(policy)
+    model = accelerator.unwrap_model(policy).model
     if cfg.merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    state_dict = accelerator.get_state_dict(policy) if not cfg.merge_lora else None
+    state_dict = None
+    if not cfg.merge_lora:  # gathered from every process under FSDP / ZeRO-3
+        full = accelerator.get_state_dict(policy)
+        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
     if accelerator.is_main_process:
         tmp = out_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -109,7 +109,7 @@ def test_csv_lines_and_message_cells(tmp_path):
     path.write_text(
         "prompt,chosen,rejected\n"
         f'"{messages.replace(chr(34), chr(34) * 2)}",yes,no\n'
-        '"two\nlines",[1, 2],"not [json"\n'
+        '"two\nlines","[1, 2]","not [json"\n'
         "\n"
         "plain,a,b\n", encoding="utf-8")
     rows = load_rows(str(path))
@@ -175,6 +175,27 @@ def test_unknown_suffix(tmp_path):
     path.write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="unsupported file type"):
         load_rows(str(path))
+
+
+def test_hub_names_go_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split):
+        calls.append((name, split))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
+        return datasets.Dataset.from_list(PAIRS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    rows = load_rows("org/prefs", split="test")
+    assert calls == [("org/prefs", "test")]
+    assert [(r.line, r.source) for r in rows] == [(1, "org/prefs"), (2, "org/prefs"),
+                                                  (3, "org/prefs")]
+    with pytest.raises(DataError, match="could not be loaded from the local cache or the "
+                                        "Hugging Face Hub: FileNotFoundError"):
+        load_rows("org/missing")
 
 
 def test_split_rows_is_deterministic_and_ordered():
@@ -274,7 +295,8 @@ def test_implicit_prompt_cuts_at_word_boundary(chosen, rejected, prompt, c_rest,
 
 def test_implicit_prompt_without_shared_start_is_an_error():
     with pytest.raises(DataError, match="share no beginning") as err:
-        to_pairs(rows_of(PAIRS[0], {"chosen": "Paris", "rejected": "London"}),
+        to_pairs(rows_of({"chosen": "It is Paris", "rejected": "It is London"},
+                         {"chosen": "Paris", "rejected": "London"}),
                  "implicit_prompt")
     assert err.value.line == 2
 
@@ -410,7 +432,7 @@ def test_sft_from_preference_completion_and_messages():
 def test_text_checks():
     pairs = [
         PreferencePair("Q", " A reasonable answer here.", " A reasonable answer here!", 1, "m"),
-        PreferencePair("Q", " same answer", " same answer", 2, "m"),
+        PreferencePair("Q", " the same answer here", " the same answer here", 2, "m"),
         PreferencePair("Q", " ok", " A long and detailed reply.", 3, "m"),
         PreferencePair("Q", " A reasonable answer here.", " A reasonable answer here!", 4, "m"),
         PreferencePair("Q", "   ", " fine answer text", 5, "m"),

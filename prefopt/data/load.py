@@ -159,7 +159,7 @@ def _load_json(path: Path, split: str) -> list[Row]:
     rows: list[Row] = []
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
-            raise DataError(f"row {number}: expected a JSON object, got {_json_type(record)}",
+            raise DataError(f"expected a JSON object, got {_json_type(record)}",
                             source=source, line=number)
         rows.append(Row(record, number, source))
     return rows

@@ -254,11 +254,16 @@ def _apply_template(tokenizer: Any, messages: list[dict], generation_prompt: boo
 # --- tokenization ---------------------------------------------------------------------
 
 def _encode(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
-    """Batch-encode with the (fast) tokenizer: one call for the whole list."""
+    """Batch-encode with the (fast) tokenizer: one call for the whole list.
+
+    ``verbose=False`` silences the "longer than the model maximum" warning: lengths are
+    handled by our own truncation, after the prompt/completion split is known.
+    """
     if not texts:
         return []
-    return [list(ids) for ids in
-            tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+    return [list(ids) for ids in encoded["input_ids"]]
 
 
 def _encode_prompts(tokenizer: Any, texts: list[str], specials: SpecialTokens,

@@ -1,0 +1,173 @@
+"""End-to-end training: it learns, it saves a loadable model, it resumes exactly, it matches a plain loop."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.cli import main
+from prefopt.config import TrainConfig, build_config
+from prefopt.errors import ConfigError
+from prefopt.train import train
+
+FAST = dict(batch_size=8, learning_rate=5e-3, lr_scheduler="constant", progress=False, logging_steps=1)
+
+
+def cfg_for(tiny_model_dir, pref_files, out: Path, **kw) -> TrainConfig:
+    base = dict(model=str(tiny_model_dir), data=str(pref_files[0]), eval_data=str(pref_files[1]),
+                output_dir=str(out), **FAST)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_dpo_learns_the_rule_and_saves_a_loadable_model(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = train(cfg_for(tiny_model_dir, pref_files, out, max_steps=24, eval_steps=8, save_steps=12))
+    metrics = rows(out / "metrics.jsonl")
+    evals = [m for m in metrics if "eval/rewards/accuracies" in m]
+    assert result["eval/rewards/accuracies"] > 0.9
+    # the first logged step starts from the reference: rewards 0, loss ln 2
+    first = metrics[0]
+    for key in ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm",
+                "tokens_per_second", "pairs_seen"):
+        assert key in first, key
+    assert evals[-1]["eval/rewards/accuracies"] > 0.9
+    assert first["pairs_seen"] == 8
+    # final/ loads with plain transformers and scores the same as the trained policy in the eval command
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "README.md").exists()
+    assert model.config.vocab_size > 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["beta"] == 0.1
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out / "final"), "--ref-model", str(tiny_model_dir), "--data",
+                 str(pref_files[1]), "--output", str(report)]) == 0
+    scored = json.loads(report.read_text())
+    assert abs(scored["rewards/accuracies"] - result["eval/rewards/accuracies"]) < 1e-6
+    assert abs(scored["loss"] - result["eval/loss"]) < 1e-5
+    assert len(scored["per_example"]) == 32
+    assert {"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+            "ref_rejected_logps"} <= set(scored["per_example"][0])
+
+
+def test_untrained_policy_is_at_chance(tiny_model_dir, pref_files, tmp_path):
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pref_files[1]), "--output",
+                 str(report)]) == 0
+    scored = json.loads(report.read_text())
+    assert abs(scored["loss"] - 0.6931471805599453) < 1e-6  # policy == reference: margins are 0
+    assert scored["rewards/accuracies"] == 0.0
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    full = tmp_path / "full"
+    common = dict(batch_size=4, save_steps=3, grad_accum=2, eval_data=None)
+    train(cfg_for(tiny_model_dir, pref_files, full, max_steps=6, **common))
+    part = tmp_path / "part"
+    train(cfg_for(tiny_model_dir, pref_files, part, max_steps=3, **common))
+    # continue the 3-step run to 6 steps from its checkpoint, as a killed run would
+    state = json.loads((part / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["pairs_seen"] == 24
+    train(cfg_for(tiny_model_dir, pref_files, part, max_steps=6, resume="latest", **common))
+    a, b = rows(full / "metrics.jsonl"), rows(part / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in ("tokens_per_second",):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
+    wa, wb = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def naive_dpo(model_dir: Path, data: Path, steps: int, batch: int, lr: float, beta: float, clip: float) -> dict:
+    """A plain loop over the file's rows in order, written without any prefopt code."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-8, weight_decay=0.0)
+    pairs = rows(data)
+
+    def logp(model, prompt, completion):
+        p = tok(prompt).input_ids
+        c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        out = model(torch.tensor([p + c])).logits.log_softmax(-1)[0]
+        return sum(out[len(p) - 1 + k, c[k]] for k in range(len(c)))
+
+    for step in range(steps):
+        chunk = pairs[step * batch:(step + 1) * batch]
+        losses = []
+        for r in chunk:
+            pc, pr = logp(policy, r["prompt"], r["chosen"]), logp(policy, r["prompt"], r["rejected"])
+            with torch.no_grad():
+                rc, rr = logp(ref, r["prompt"], r["chosen"]), logp(ref, r["prompt"], r["rejected"])
+            losses.append(-torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))))
+        torch.stack(losses).mean().backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach() for k, v in policy.state_dict().items()}
+
+
+def test_no_shuffle_float32_equals_a_plain_loop(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, pref_files, out, max_steps=3, batch_size=4, grad_accum=2, shuffle=False,
+                  learning_rate=1e-3, max_grad_norm=0.5, save_steps=None, eval_data=None))
+    ours = load_file(str(out / "final" / "model.safetensors"))
+    theirs = naive_dpo(tiny_model_dir, pref_files[0], steps=3, batch=8, lr=1e-3, beta=0.1, clip=0.5)
+    for k, v in ours.items():
+        assert torch.allclose(v, theirs[k], atol=2e-6), k
+
+
+def test_yaml_config_flags_win_and_unknown_keys_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.5\nlearning_rate: 1e-5\nloss_type: ipo\nbatch_size: 2\n")
+    cfg, explicit = build_config({"beta": 0.2}, str(path))
+    assert cfg.beta == 0.2 and cfg.learning_rate == 1e-5 and cfg.loss_type == ["ipo"] and cfg.batch_size == 2
+    assert {"beta", "learning_rate", "loss_type", "batch_size"} == explicit
+    path.write_text("betta: 0.5\n")
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        build_config({}, str(path))
+    path.write_text("batch_size: two\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_config({}, str(path))
+
+
+def test_resolved_config_reloads(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--output-dir", str(out),
+                 "--max-steps", "1", "--no-progress", "--beta", "0.3", "--save-steps", "none"]) == 0
+    cfg, _ = build_config({}, str(out / "config.yaml"))
+    assert cfg.beta == 0.3 and cfg.max_steps == 1
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    out = tmp_path / "ddp"
+    # accelerate runs several CPU processes (gloo) through its torchrun launcher when told to use the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE": str(cache_dir), "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.cli", "train",
+           "--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--eval-data", str(pref_files[1]),
+           "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--learning-rate", "5e-3",
+           "--logging-steps", "1", "--save-steps", "2", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = rows(out / "metrics.jsonl")
+    # two processes x 4 pairs each per step
+    assert [m["pairs_seen"] for m in metrics if "loss" in m] == [8, 16, 24, 32]
+    assert (out / "final" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").exists()
