@@ -64,8 +64,11 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
+    from prefopt.commands.pipeline import add_generation_eval_args
+
     _train_args(parser)
     parser.add_argument("--output", required=True, help="where to write the JSON results")
+    add_generation_eval_args(parser)
 
 
 @command("eval", "score a preference file with a policy and its reference (no training)")(_eval_args)
@@ -74,6 +77,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     flags = _flags(args)
     output = flags.pop("output")
+    if flags.get("generate"):
+        from prefopt.commands.pipeline import run_generation_eval
+
+        return run_generation_eval(args, flags, output)
     cfg, _ = build_config(flags, args.config)
     result = score_file(cfg)
     write_json(result, output)
@@ -85,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # Modules that register more sub-commands with @command when imported; each keeps its heavy
 # imports inside its functions so `prefopt --help` stays fast.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["prefopt.commands.pipeline", "prefopt.commands.bench", "prefopt.commands.data_check"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,4 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m prefopt.cli` runs this file as __main__; command modules register into the
+    # importable prefopt.cli, so dispatch through that module or their commands are missing.
+    from prefopt import cli as _cli
+
+    sys.exit(_cli.main())

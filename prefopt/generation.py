@@ -361,7 +361,9 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
       model DPO assumes; equal scores give a coin flip.
 
     Pairs of identical texts carry no preference and are skipped, as are score ties in
-    the deterministic modes. Rows keep both scores (``chosen_score``, ``rejected_score``).
+    the deterministic modes. Empty completions (EOS sampled first) are left out: a
+    preference row needs text on both sides. Rows keep both scores (``chosen_score``,
+    ``rejected_score``).
     """
     import random
 
@@ -369,16 +371,20 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
         raise ConfigError(f"--pairing: must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     rng = random.Random(seed)
     rows: list[dict] = []
-    skipped = {"identical": 0, "tied": 0, "single_sample": 0}
+    skipped = {"identical": 0, "tied": 0, "empty_samples": 0, "too_few_samples": 0}
 
     def emit(i: int, win: Sample, lose: Sample, s_win: float, s_lose: float, **extra) -> None:
         rows.append({"prompt": prompts[i], "chosen": win.text, "rejected": lose.text, "chosen_score": s_win,
                      "rejected_score": s_lose, "prompt_index": i, **extra})
 
-    for i, row in enumerate(samples):
-        s = scores[i].tolist()
+    for i, full_row in enumerate(samples):
+        all_scores = scores[i].tolist()
+        keep = [k for k, smp in enumerate(full_row) if smp.text.strip()]
+        skipped["empty_samples"] += len(full_row) - len(keep)
+        row = [full_row[k] for k in keep]
+        s = [all_scores[k] for k in keep]
         if len(row) < 2:
-            skipped["single_sample"] += 1
+            skipped["too_few_samples"] += 1
             continue
         if pairing == "best-worst":
             hi = max(range(len(row)), key=lambda k: (s[k], -k))

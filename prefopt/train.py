@@ -8,9 +8,11 @@ metrics averaged over the window and across processes, and checkpoints atomicall
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,12 +24,13 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
 from prefopt.batching import PackedBatch, collate
 from prefopt.config import TrainConfig, validate
-from prefopt.errors import ConfigError, TrainingError
+from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
 from prefopt.logprobs import CompletionLogpsModel, SeqLogps, completion_logps
 from prefopt.losses import (
@@ -102,6 +105,7 @@ def prepare_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -346,8 +350,12 @@ def _microbatches(examples, cfg, pad_id: int, accelerator, start_epoch: int, ski
         epoch += 1
 
 
-def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
-    """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/)."""
+def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = None) -> dict[str, Any]:
+    """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/).
+
+    ``hooks`` (used by ``prefopt bench``) is told when the loop starts (``on_train_start``) and after
+    every optimizer step (``on_step``); with ``hooks.save_final`` false, final/ is not written.
+    """
     validate(cfg)
     explicit = set(explicit or ())
     mode = job_mode(cfg)
@@ -356,9 +364,15 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         log.warning(warning)
     if cfg.ref_sync != "none" and not needs_reference(cfg.loss_type, cfg.reference_free):
         raise ConfigError("--ref-sync updates a reference model, but the chosen loss uses none")
+    if not cfg.model:
+        raise ConfigError("--model is required: a local model directory or a hub name")
+    # an impossible --resume fails before anything is written or loaded
+    resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume) if cfg.resume and cfg.output_dir else None
 
+    # gradient_accumulation_steps reaches DeepSpeed's config; the accumulation itself is ours (see the loop)
     accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.grad_accum,
+                              step_scheduler_with_optimizer=False)  # our step counts are already per process
     out_dir = prepare_output_dir(cfg, accelerator)
     set_seed(cfg.seed)
 
@@ -411,8 +425,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
     metrics_path = out_dir / "metrics.jsonl"
     if cfg.resume is not None:
-        path = ckpt.resolve_resume(out_dir, cfg.resume)
-        accelerator.load_state(str(path))
+        path = resume_path
+        try:
+            accelerator.load_state(str(path))
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+            raise CheckpointError(f"--resume {path}: cannot load this checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
         state.update(ckpt.read_state(path))
         _truncate_metrics(metrics_path, state["step"], accelerator)
         accelerator.print(f"resumed from {path} at step {state['step']}")
@@ -423,7 +441,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     stream = _microbatches(data.train, cfg, pad_id, accelerator, start_epoch, skip)
     progress = _progress(cfg, accelerator, steps, state["step"])
     policy.train()
-    window = StepStats()
+    if hooks is not None:
+        hooks.on_train_start(policy=accelerator.unwrap_model(policy), reference=ref_train, data=data,
+                             steps=steps, device=accelerator.device)
+    # a checkpoint taken mid logging window carries the window, so the next row averages the same steps
+    window = StepStats(**state.pop("window")) if "window" in state else StepStats()
     last_log = time.perf_counter()
     ln2_steps = 0
     final_metrics: dict[str, Any] = {}
@@ -431,22 +453,27 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     while state["step"] < steps:
         micro = []
         for _ in range(cfg.grad_accum):
-            epoch, batch = next(stream)
+            _, batch = next(stream)
             micro.append(batch)
         local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
         global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
         stats = StepStats()
         for i, batch in enumerate(micro):
+            # Gradients are all-reduced (DDP) or stepped (DeepSpeed) only after the window's last micro-batch.
             sync = i == len(micro) - 1
-            ctx = accelerator.no_sync(policy) if not sync else _null()
-            with ctx:
+            accelerator.sync_gradients = sync
+            with accelerator.no_sync(policy) if not sync else contextlib.nullcontext():
                 losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params)
-                loss = losses.sum() * accelerator.num_processes / global_pairs
+                # Sum over the window's pairs / all pairs of the global batch. DDP averages over processes and
+                # accelerate divides by grad_accum, so both factors are put back here.
+                loss = losses.sum() * accelerator.num_processes * cfg.grad_accum / global_pairs
                 accelerator.backward(loss)
             record(stats, out, pol, losses, mode, batch.labels)
             stats.real_tokens += batch.real_tokens
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
                                                 cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+        if grad_norm is None and hasattr(policy, "get_global_grad_norm"):  # DeepSpeed clips inside its step
+            grad_norm = policy.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         step_metrics = finish_stats(stats, accelerator)
         step_metrics["grad_norm"] = grad_norm
@@ -462,6 +489,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        if hooks is not None:
+            hooks.on_step(state["step"], micro, step_metrics)
         state["micro_batches"] += len(micro)
         state["pairs_seen"] += int(global_pairs)
         if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
@@ -489,7 +518,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
 
         if state["step"] % cfg.logging_steps == 0 or state["step"] == steps:
             now = time.perf_counter()
-            row = _window_row(window, state, epoch, per_epoch, scheduler, accelerator, now - last_log)
+            row = _window_row(window, state, per_epoch, scheduler, accelerator, now - last_log)
             last_log = now
             window = StepStats()
             if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and data.eval and state["step"] != steps:
@@ -499,7 +528,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         if cfg.ref_sync != "none" and state["step"] % cfg.ref_sync_steps == 0:
             ref_train.sync(accelerator.unwrap_model(policy).model, cfg.ref_sync, cfg.ref_sync_alpha)
         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] != steps:
-            ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
+            saved = dict(state, window={"sums": window.sums, "pairs": window.pairs, "real_tokens": window.real_tokens})
+            ckpt.save_checkpoint(accelerator, out_dir, state["step"], saved, cfg.save_total_limit)
 
     if progress is not None:
         progress.close()
@@ -510,17 +540,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         final_metrics.update(eval_row)
     if cfg.save_steps:
         ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
-    save_final(cfg, accelerator, policy, tokenizer, out_dir, final_metrics, data)
+    if hooks is None or getattr(hooks, "save_final", True):
+        save_final(cfg, accelerator, policy, tokenizer, out_dir, final_metrics, data)
     accelerator.end_training()
     return final_metrics
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _merge_window(window: StepStats, stats: StepStats, step_metrics: dict[str, float], finite: bool) -> None:
@@ -533,7 +556,7 @@ def _merge_window(window: StepStats, stats: StepStats, step_metrics: dict[str, f
         window.add(k, v)
 
 
-def _window_row(window: StepStats, state, epoch: int, per_epoch: int, scheduler, accelerator,
+def _window_row(window: StepStats, state, per_epoch: int, scheduler, accelerator,
                 seconds: float) -> dict[str, Any]:
     steps = max(window.pairs, 1.0)
     row: dict[str, Any] = {"step": state["step"], "epoch": round(state["micro_batches"] / per_epoch, 4)}
@@ -587,12 +610,16 @@ def save_final(cfg: TrainConfig, accelerator, policy, tokenizer, out_dir: Path, 
     if accelerator.is_main_process:
         tmp = out_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None and cfg.lora_r == 0 else {}))
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(cfg, metrics, data))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None and cfg.lora_r == 0 else {}))
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(cfg, metrics, data))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt._explain(e, final) from None
     accelerator.wait_for_everyone()
     return final
 

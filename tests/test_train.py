@@ -169,5 +169,14 @@ def test_two_processes_on_cpu(tiny_model_dir, pref_files, tmp_path, cache_dir):
     metrics = rows(out / "metrics.jsonl")
     # two processes x 4 pairs each per step
     assert [m["pairs_seen"] for m in metrics if "loss" in m] == [8, 16, 24, 32]
-    assert (out / "final" / "model.safetensors").exists()
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").exists()
+    # two processes x batch 4 see the same global batches as one process x batch 4 x 2 accumulation steps
+    single = tmp_path / "single"
+    train(TrainConfig(model=str(tiny_model_dir), data=str(pref_files[0]), output_dir=str(single), max_steps=4,
+                      batch_size=4, grad_accum=2, learning_rate=5e-3, logging_steps=1, save_steps=None,
+                      progress=False))
+    a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(single / "final" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses == pytest.approx([m["loss"] for m in rows(single / "metrics.jsonl") if "loss" in m], rel=1e-5)
