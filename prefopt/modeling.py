@@ -8,9 +8,11 @@ when the directory has them (transformers reads legacy ``.bin`` files with
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from prefopt.errors import ModelError
@@ -29,13 +31,21 @@ def _exists_or_hub(name: str, what: str) -> None:
         raise ModelError(f"{what} '{name}' is a file; give the directory written by save_pretrained")
 
 
+def _detail(e: Exception) -> str:
+    """The first line of a loading error; where transformers asks for trust_remote_code, our flag's name."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        return first.rstrip(" .") + ". It ships its own code: rerun with --trust-remote-code only if you trust its author"
+    return first
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer; a missing pad token becomes EOS (said in the log), since we mask pads ourselves."""
     _exists_or_hub(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from '{name}': {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load a tokenizer from '{name}': {_detail(e)}") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"tokenizer '{name}' has neither a pad nor an EOS token; add one with "
@@ -68,8 +78,11 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
             bnb_4bit_use_double_quant=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load a causal LM from '{name}': {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise ModelError(f"cannot load a causal LM from '{name}': its pickled weights hold more than plain tensors, "
+                         "and prefopt never unpickles arbitrary objects; use a safetensors copy") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ModelError(f"cannot load a causal LM from '{name}': {_detail(e)}") from None
     disable_dropout(model)
     return model
 

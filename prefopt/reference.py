@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prefopt.batching import PackedBatch
@@ -94,8 +95,11 @@ class CachedReference:
         Returns the reference and whether it came from the cache.
         """
         if cache_file is not None and cache_file.exists():
-            table = load_file(str(cache_file))["logps"]
-            if table.shape == (num_examples, num_completions):
+            try:
+                table = load_file(str(cache_file))["logps"]
+            except (SafetensorError, KeyError, OSError):  # damaged or foreign file: recompute and replace it
+                table = None
+            if table is not None and table.shape == (num_examples, num_completions):
                 return cls(table), True
         table = torch.full((num_examples, num_completions), float("nan"))
         was_training = model.training

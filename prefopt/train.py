@@ -184,6 +184,22 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
     return live, live
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail before any model is loaded when the chosen tracker's package is missing."""
+    package = TRACKER_PACKAGES.get(report_to)
+    if package is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None and not (
+            report_to == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None):
+        raise ConfigError(f"--report-to {report_to}: the '{package}' package is not installed "
+                          f"(pip install {package})")
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
@@ -216,10 +232,11 @@ class StepStats:
 
 
 def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cfg: TrainConfig, mode: str,
-                 params: LossParams) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+                 params: LossParams, mean_across_processes=None) -> tuple[torch.Tensor, LossOutput, PairLogps]:
     """Per-pair losses for one micro-batch (policy forward with grad, reference without).
 
     ``policy`` is the (possibly DDP/FSDP-wrapped) :class:`CompletionLogpsModel`.
+    ``mean_across_processes`` averages KTO's KL estimate over every process's rows.
     """
     n_comp = batch.num_completions
     seq = policy(batch, with_wpo=cfg.wpo_weighting)
@@ -235,7 +252,10 @@ def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cf
     if mode == "kto":
         pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
         ref_own, ref_kl = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
-        out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params)
+        kl = (pol[:, 1] - (ref_kl if ref_kl is not None else 0.0)).detach().mean()
+        if mean_across_processes is not None:
+            kl = mean_across_processes(kl)
+        out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params, kl=kl)
         return out.losses, out, pairs
     pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
     ref_pair = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
@@ -370,6 +390,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume) if cfg.resume and cfg.output_dir else None
 
     # gradient_accumulation_steps reaches DeepSpeed's config; the accumulation itself is ours (see the loop)
+    check_tracker(cfg.report_to)
     accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.grad_accum,
                               step_scheduler_with_optimizer=False)  # our step counts are already per process
@@ -442,7 +463,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     progress = _progress(cfg, accelerator, steps, state["step"])
     policy.train()
     if hooks is not None:
-        hooks.on_train_start(policy=accelerator.unwrap_model(policy), reference=ref_train, data=data,
+        hooks.on_train_start(policy=model, reference=ref_train, data=data,
                              steps=steps, device=accelerator.device)
     # a checkpoint taken mid logging window carries the window, so the next row averages the same steps
     window = StepStats(**state.pop("window")) if "window" in state else StepStats()
@@ -463,7 +484,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
             sync = i == len(micro) - 1
             accelerator.sync_gradients = sync
             with accelerator.no_sync(policy) if not sync else contextlib.nullcontext():
-                losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params)
+                losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params,
+                                                lambda t: accelerator.reduce(t, reduction="mean"))
                 # Sum over the window's pairs / all pairs of the global batch. DDP averages over processes and
                 # accelerate divides by grad_accum, so both factors are put back here.
                 loss = losses.sum() * accelerator.num_processes * cfg.grad_accum / global_pairs

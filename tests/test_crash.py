@@ -235,8 +235,13 @@ def _inject(monkeypatch, bad_loss_steps: set[int], bad_grad_steps: set[int]) -> 
 
 
 def _same(a: dict, b: dict) -> bool:
+    """Equal weights; keys may differ by a wrapper prefix ("model.") between a live module and a saved file."""
+    def bare(d):
+        return {k.removeprefix("model."): v for k, v in d.items()}
+
+    a, b = bare(a), bare(b)
     keys = a.keys() & b.keys()
-    assert keys
+    assert len(keys) >= 10
     return all(torch.equal(a[k], b[k]) for k in keys)
 
 
