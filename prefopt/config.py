@@ -37,6 +37,8 @@ class TrainConfig:
     model: str | None = opt(None, "policy model: a local directory or a hub name (from_pretrained)", group="model")
     ref_model: str | None = opt(None, "reference model (default: the policy's starting weights)", group="model")
     tokenizer: str | None = opt(None, "tokenizer (default: the policy model's)", group="model")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational data (overrides the "
+                                    "tokenizer's)", group="model")
     dtype: str = opt("float32", "weights and compute dtype", ("float32", "bfloat16", "float16"), group="model")
     attn_implementation: str = opt("sdpa", "attention kernel; prefix sharing and packing need custom masks",
                                    ("sdpa", "eager"), group="model")

@@ -58,9 +58,9 @@ class DemoSettings:
     sft_lr: float = 2e-3
     sft_batch: int = 32
     pair_samples: int = 4            # completions per prompt, judged to make best-worst pairs
-    pair_rounds: int = 1             # times each pair prompt is used (different samples each time)
-    dpo_steps: int = 120
-    dpo_lr: float = 3e-4
+    pair_rounds: int = 4             # times each pair prompt is used (different samples each time)
+    dpo_steps: int = 100
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     dpo_batch: int = 32
     eval_samples: int = 4
@@ -70,10 +70,10 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(num_reviews=700, heldout_reviews=160, eval_prompts=40, vocab_size=600, hidden_size=64,
-                     num_layers=2, num_heads=4, intermediate_size=128, sft_steps=80, sft_lr=3e-3, sft_batch=32,
-                     pair_samples=4, dpo_steps=30, dpo_lr=5e-4, dpo_batch=32, eval_samples=2,
-                     max_new_tokens=24, gen_batch=64)
+QUICK = DemoSettings(num_reviews=1000, heldout_reviews=240, eval_prompts=40, vocab_size=600, hidden_size=64,
+                     num_layers=2, num_heads=4, intermediate_size=128, sft_steps=150, sft_lr=3e-3, sft_batch=32,
+                     pair_samples=4, pair_rounds=2, dpo_steps=25, dpo_lr=2e-4, dpo_batch=32, eval_samples=4,
+                     max_new_tokens=32, gen_batch=64)
 
 
 # ---------------------------------------------------------------------------- data
@@ -337,15 +337,16 @@ def run_demo(output_dir: str | Path | None = None, *, quick: bool = False, overw
 def show(summary: dict[str, Any], console) -> None:
     """The results table and a few generations before and after DPO."""
     from rich.table import Table
+    from rich.text import Text
 
     s, d = summary["sft"], summary["dpo"]
     table = Table(title="Held-out prompts: VADER reward of sampled reviews (higher = more positive)")
     table.add_column("policy")
-    table.add_column("mean reward", justify="right")
-    table.add_column("KL from SFT (nats)", justify="right")
-    table.add_column("win rate vs SFT", justify="right")
-    table.add_column("tokens / sample", justify="right")
-    table.add_row("SFT (reference)", f"{s['reward_mean']:+.3f} ± {s['reward_stderr']:.3f}", "0", "-",
+    table.add_column("reward", justify="right")
+    table.add_column("KL(pi || SFT)", justify="right")
+    table.add_column("win vs SFT", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_row("SFT (ref)", f"{s['reward_mean']:+.3f} ± {s['reward_stderr']:.3f}", "0", "-",
                   f"{s['mean_tokens']:.1f}")
     table.add_row("DPO", f"{d['reward_mean']:+.3f} ± {d['reward_stderr']:.3f}",
                   f"{d['kl']:.2f} ± {d['kl_stderr']:.2f}",
@@ -356,6 +357,6 @@ def show(summary: dict[str, Any], console) -> None:
     ex.add_column("SFT", ratio=1)
     ex.add_column("DPO", ratio=1)
     for e in summary["examples"]:
-        ex.add_row(e["prompt"], f"{e['sft']}  [dim]({e['sft_reward']:+.2f})[/dim]",
-                   f"{e['dpo']}  [dim]({e['dpo_reward']:+.2f})[/dim]")
-    console.print(ex, markup=True)
+        ex.add_row(Text(e["prompt"]), Text(e["sft"]).append(f"  ({e['sft_reward']:+.2f})", style="dim"),
+                   Text(e["dpo"]).append(f"  ({e['dpo_reward']:+.2f})", style="dim"))
+    console.print(ex)

@@ -123,6 +123,8 @@ def prepare_examples(cfg, tokenizer, mode: str, output_dir: Path | None) -> Exam
     """
     if not cfg.data:
         raise DataError("no training data: pass --data FILE")
+    if output_dir is not None:  # rows skipped by an earlier start or before a resume are listed again below
+        (output_dir / "rejected_rows.jsonl").unlink(missing_ok=True)
     rows = load_rows(cfg.data, split=cfg.data_split)
     if not rows:
         raise DataError("no rows", source=cfg.data)

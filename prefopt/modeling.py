@@ -22,7 +22,8 @@ log = logging.getLogger("prefopt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _exists_or_hub(name: str, what: str) -> None:
+def check_exists(name: str, what: str) -> None:
+    """A local-looking path must exist; anything else is left to the hub lookup."""
     path = Path(name)
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_local and not path.exists():
@@ -39,13 +40,23 @@ def _detail(e: Exception) -> str:
     return first
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; a missing pad token becomes EOS (said in the log), since we mask pads ourselves."""
-    _exists_or_hub(name, "tokenizer")
+def load_tokenizer(name: str, *, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; a missing pad token becomes EOS (said in the log), since we mask pads ourselves.
+
+    ``chat_template`` is a Jinja file that replaces (or supplies) the tokenizer's chat template,
+    for conversational data with a tokenizer that has none.
+    """
+    check_exists(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a tokenizer from '{name}': {_detail(e)}") from None
+    if chat_template is not None:
+        try:
+            tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ModelError(f"--chat-template {chat_template}: cannot read it ({e.strerror})") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"tokenizer '{name}' has neither a pad nor an EOS token; add one with "
@@ -59,7 +70,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedT
 def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
                    trust_remote_code: bool = False, load_in_4bit: bool = False) -> torch.nn.Module:
     """Load a causal LM with dropout switched off (DPO's log-prob ratios must be deterministic)."""
-    _exists_or_hub(name, "model")
+    check_exists(name, "model")
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code)
     path = Path(name)

@@ -37,8 +37,11 @@ TRAIN_CHARTS: list[tuple[str, str, str, list[str]]] = [
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -43,7 +43,8 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg)
     if not cfg.model:
         raise_missing("--model")
-    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.chat_template)
     cfg.eval_fraction = 0.0
     cfg.eval_data = None
     data = prepare_examples(cfg, tokenizer, "pairs", None)

@@ -46,6 +46,7 @@ from prefopt.losses import (
 )
 from prefopt.modeling import (
     apply_lora,
+    check_exists,
     count_parameters,
     is_adapter_dir,
     load_adapter_model,
@@ -93,7 +94,8 @@ def prepare_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out}: exists and is not a directory")
-    existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    # config.yaml alone is a start that failed before training (bad data, missing model): retrying must work
+    existing = [m for m in RUN_MARKERS if m != "config.yaml" and (out / m).exists()]
     if existing and cfg.resume is None:
         if not cfg.overwrite:
             raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}); pass --resume latest "
@@ -397,7 +399,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     out_dir = prepare_output_dir(cfg, accelerator)
     set_seed(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code)
+    check_exists(cfg.model, "model")
+    tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.chat_template)
     data = prepare_examples(cfg, tokenizer, mode, out_dir if accelerator.is_main_process else None)
     accelerator.print(f"data: {data.summary}")
     pad_id = tokenizer.pad_token_id
@@ -449,7 +453,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         path = resume_path
         try:
             accelerator.load_state(str(path))
-        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"--resume {path}: cannot load this checkpoint: its optimizer or scheduler state "
+                                  "is damaged or holds more than plain tensors, and prefopt never unpickles arbitrary "
+                                  "objects; resume from an earlier checkpoint directory or start again") from None
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
             raise CheckpointError(f"--resume {path}: cannot load this checkpoint ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
         state.update(ckpt.read_state(path))
@@ -555,6 +563,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
 
     if progress is not None:
         progress.close()
+    if not final_metrics and metrics_path.exists():  # resumed at the very end: the last logged row stands
+        logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        final_metrics = next((r for r in reversed(logged) if "loss" in r), {})
     if data.eval:
         eval_row = {"step": state["step"], **evaluate(policy, data.eval, ref_eval, cfg, mode, params,
                                                       accelerator, pad_id)}
@@ -605,8 +616,16 @@ def _truncate_metrics(path: Path, step: int, accelerator) -> None:
     """On resume, drop metric rows logged after the checkpoint so the file reads as one clean run."""
     if not accelerator.is_main_process or not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    def before(line: str) -> bool:  # a line cut short by a kill is dropped, not fatal
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and before(line)]
+    tmp = path.with_name(path.name + ".tmp")  # a kill during the rewrite keeps the old file whole
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _progress(cfg: TrainConfig, accelerator, steps: int, start: int):

@@ -130,6 +130,7 @@ class Run:
         return [json.loads(line) for line in self.seen.read_text().splitlines()] if self.seen.exists() else []
 
 
+@pytest.mark.slow
 def test_kill9_at_any_moment_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
     data = write_jsonl(make_pairs(24, seed=5), tmp_path / "train.jsonl")
     cache = tmp_path / "cache"
@@ -358,3 +359,13 @@ def test_disk_full_while_writing_final_is_a_clear_error(tmp_path, tiny_model_dir
     err = capsys.readouterr().err
     assert "disk is full" in err and str(out / "final") in err and "Traceback" not in err
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-2"]
+
+
+def test_resume_tolerates_a_metrics_line_cut_by_a_kill(tmp_path):
+    class Main:
+        is_main_process = True
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.6}\n{"step": 2, "loss": 0.5}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
+    T._truncate_metrics(path, 2, Main())
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

@@ -254,6 +254,8 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
     fields = Fields(prompt=prompt_field, chosen=chosen_field, rejected=rejected_field)
     rows, read_errors, records = _read(file, split)
     problems = [_from_error(e) for e in read_errors]
+    if not records and not read_errors:
+        problems.append(Problem("schema", None, None, "contains no rows"))
     report: dict[str, Any] = {"file": file, "format": None, "rows_read": records, "pairs": 0,
                               "limits": {"max_length": max_length, "max_prompt_length": max_prompt_length},
                               "tokenizer": None}
@@ -295,8 +297,8 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
                 reason = next(iter(one.destroyed))
                 destroyed[reason] = destroyed.get(reason, 0) + 1
                 problems.append(Problem("destroyed_by_truncation", ex.line, None,
-                                        f"the limits would leave this pair useless ({reason}); it would "
-                                        "be dropped from training"))
+                                        f"{reason}: the length limits leave nothing to learn, so training "
+                                        "would drop it"))
             elif one.truncated:
                 truncated_lines.append(ex.line)
         report["truncation"] = {"rows": len(examples), "prompt_truncated": totals["prompt_truncated"],
@@ -332,14 +334,15 @@ def print_table(report: dict[str, Any], file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file or sys.stdout, highlight=False)
+    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True)  # tables still fit the width
     console.print(f"[bold]{report['file']}[/bold]: {report['rows_read']} rows read, {report['pairs']} valid "
                   f"preference pairs, format {report['format'] or 'unknown'}")
     problems = report["problems"]
     if problems:
         table = Table(title="Problems", title_justify="left")
-        for name in ("line", "severity", "kind", "field", "message"):
-            table.add_column(name, overflow="fold")
+        for name in ("line", "severity", "kind", "field"):
+            table.add_column(name, no_wrap=True)
+        table.add_column("message", overflow="fold", ratio=1)
         for p in problems[:_TABLE_ROWS]:
             style = "red" if p["severity"] == "error" else "yellow"
             table.add_row(str(p["line"] or "-"), f"[{style}]{p['severity']}[/{style}]", p["kind"],
@@ -366,9 +369,9 @@ def print_table(report: dict[str, Any], file=None) -> None:
         t, lim = report["truncation"], report["limits"]
         destroyed = ", ".join(f"{n} {why}" for why, n in t["destroyed"].items())
         console.print(f"--max-length {lim['max_length']} --max-prompt-length {lim['max_prompt_length']}: "
-                      f"{t['truncated'] + t['destroyed_total']} of {t['rows']} pairs cut "
-                      f"({t['prompt_truncated']} prompts, {t['completion_truncated']} completions); "
-                      f"{t['destroyed_total']} destroyed{f' ({destroyed})' if destroyed else ''}"
+                      f"{t['truncated']} of {t['rows']} pairs cut "
+                      f"({t['prompt_truncated']} prompts, {t['completion_truncated']} completions), "
+                      f"{t['destroyed_total']} of them destroyed{f' ({destroyed})' if destroyed else ''}"
                       + (f"; truncated lines: {_lines(t['truncated_lines'])}" if t["truncated_lines"] else ""),
                       markup=False)
         merges = report["boundary_merges"]
