@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
-from prefopt.batching import PackedBatch, collate
+from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
@@ -142,11 +142,13 @@ def _batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: Trai
                     packing=cfg.packing) for c in chunks)
 
 
-def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int):
+def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int,
+                    explicit: set[str] = frozenset()):
     """Return (train_reference, eval_reference) or (None, None) for reference-free training."""
     if mode == "sft" or not needs_reference(cfg.loss_type, cfg.reference_free):
-        if cfg.ref_model and "ref_model" in getattr(cfg, "_explicit", set()):
-            log.warning("--ref-model is ignored: %s needs no reference model", "+".join(cfg.loss_type))
+        if cfg.ref_model and "ref_model" in explicit:
+            log.warning("--ref-model is ignored: %s needs no reference model, so none is loaded",
+                        "+".join(cfg.loss_type) + (" with --reference-free" if cfg.reference_free else ""))
         return None, None
     score = _score_fn(cfg, num_completions)
     separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
@@ -206,8 +208,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel (CPU and CUDA) does the whole update in one pass over each tensor: same
+    # AdamW, a fraction of the memory traffic of the per-tensor loop (which is torch's CPU default).
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def epoch_order(n: int, epoch: int, cfg: TrainConfig) -> list[int]:
@@ -231,6 +236,24 @@ class StepStats:
 
     def add(self, name: str, total: torch.Tensor | float) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(total)
+
+
+# Losses that compare pairs with each other across the batch (AOT sorts margins over it).
+BATCH_COUPLED_LOSSES = {"aot", "aot_unpaired", "aot_pair"}
+
+
+def row_parts(batch: PackedBatch, cfg: TrainConfig, mode: str, accelerator: Accelerator) -> list[PackedBatch]:
+    """Split a micro-batch into its packed rows when that changes no number.
+
+    Forward + backward row by row keeps one row's activations alive instead of the whole
+    micro-batch's and drops padding; gradients add up to the same sum, since each pair's
+    loss depends on that pair only. Not for KTO (its KL estimate spans the batch), AOT
+    (sorts over the batch), or DeepSpeed/FSDP (which count or shard per backward).
+    """
+    if (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type)
+            or accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)):
+        return [batch]
+    return split_rows(batch)
 
 
 def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cfg: TrainConfig, mode: str,
@@ -419,7 +442,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         policy = load_adapter_model(policy, cfg.model, trainable=True)
     policy.to(accelerator.device)
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
-    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp)
+    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
     if cfg.lora_r > 0 and not adapter:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -487,9 +510,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
         global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
         stats = StepStats()
-        for i, batch in enumerate(micro):
+        parts = [part for batch in micro for part in row_parts(batch, cfg, mode, accelerator)]
+        for i, batch in enumerate(parts):
             # Gradients are all-reduced (DDP) or stepped (DeepSpeed) only after the window's last micro-batch.
-            sync = i == len(micro) - 1
+            sync = i == len(parts) - 1
             accelerator.sync_gradients = sync
             with accelerator.no_sync(policy) if not sync else contextlib.nullcontext():
                 losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params,

@@ -85,3 +85,20 @@ def test_kto_on_unpaired_data_learns(tiny_model_dir, pref_files, tmp_path, cache
             f.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen" if good else "rejected"],
                                 "label": good}) + "\n")
     assert run(tiny_model_dir, (unpaired, pref_files[1]), tmp_path, loss_type=["kto"], max_steps=16) > 0.8
+
+
+def test_reference_free_loss_loads_no_reference_and_says_so(tiny_model_dir, pref_files, tmp_path, caplog):
+    import logging
+
+    import prefopt.train as train_module
+
+    loads = []
+    real = train_module.load_causal_lm
+    train_module.load_causal_lm = lambda *a, **k: loads.append(a) or real(*a, **k)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefopt"):
+            run(tiny_model_dir, pref_files, tmp_path, loss_type=["simpo"], ref_model=str(tiny_model_dir), max_steps=1)
+    finally:
+        train_module.load_causal_lm = real
+    assert len(loads) == 1  # the policy only
+    assert "--ref-model is ignored" in caplog.text
