@@ -226,8 +226,28 @@ def prepare_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
 
 
 def run_demo(output_dir: str | Path | None = None, *, quick: bool = False, overwrite: bool = False,
-             console=None, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run the demo and return its summary (also written to OUTPUT_DIR/summary.json)."""
+             console=None, settings: DemoSettings | None = None, threads: int | None = 1) -> dict[str, Any]:
+    """Run the demo and return its summary (also written to OUTPUT_DIR/summary.json).
+
+    ``threads`` sets torch's CPU threads for the run (None: leave them as they are). The
+    demo's matrices are small (a few hundred columns), so splitting each product over
+    threads saves little, and on a machine whose cores are busy with other work the
+    threads wait on each other at every operation: one thread is the robust default.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(output_dir, quick=quick, overwrite=overwrite, console=console, settings=settings)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: DemoSettings | None) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
@@ -255,8 +275,10 @@ def run_demo(output_dir: str | Path | None = None, *, quick: bool = False, overw
     data.mkdir(exist_ok=True)
     sft_data = data / "sft.jsonl"
     sft_data.write_text("".join(json.dumps(r) + "\n" for r in splits["sft_rows"]))
-    console.print(f"corpus: {len(splits['corpus'])} reviews; SFT on {len(splits['sft_rows'])}, "
-                  f"{len(splits['pair_prompts'])} prompts for pairs, {len(splits['eval_prompts'])} for evaluation")
+    unique_pair_prompts = len(splits["pair_prompts"]) // settings.pair_rounds
+    console.print(f"corpus: {len(splits['corpus'])} reviews; SFT on {len(splits['sft_rows'])}; held out: "
+                  f"{unique_pair_prompts} prompts for pairs (each sampled {settings.pair_rounds}x), "
+                  f"{len(splits['eval_prompts'])} for evaluation")
     base = build_base(settings, splits["corpus"], out / "base")
     t = lap("tokenizer + model", t0)
 

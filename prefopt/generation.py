@@ -468,12 +468,13 @@ def generation_eval(*, model: str, ref_model: str, judge: str, prompts: list[Pro
     Models are loaded one at a time (policy, then reference, then the judge), so the
     peak memory is that of the largest, not of all three.
     """
-    from prefopt.judges import load_judge
+    from prefopt.judges import check_judge, load_judge
     from prefopt.modeling import load_causal_lm, load_tokenizer
 
     settings.validate()
     if not ref_model:
         raise ConfigError("--ref-model is required with --generate: the policy is compared with its reference")
+    check_judge(judge, trust_remote_code=trust_remote_code)  # a bad --judge fails before any generation
     tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
     prompt_ids = encode_prompts(tok, prompts, settings.max_prompt_length)
     device = default_device()
@@ -491,7 +492,8 @@ def generation_eval(*, model: str, ref_model: str, judge: str, prompts: list[Pro
     ref_samples = generate(reference, tok, prompt_ids, settings)
     ref_logps = sample_logps(reference, prompt_ids, policy_samples, **logp_kw)
     del reference
-    scorer = load_judge(judge, device=device, batch_size=judge_batch_size)
+    scorer = load_judge(judge, device=device, batch_size=judge_batch_size, dtype=dtype,
+                        trust_remote_code=trust_remote_code)
     policy_rewards = score_samples(scorer, prompts, policy_samples)
     ref_rewards = score_samples(scorer, prompts, ref_samples)
     del scorer

@@ -65,22 +65,12 @@ class RewardModelJudge:
     def __init__(self, path: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "float32",
                  trust_remote_code: bool = False, max_length: int | None = None):
         import torch
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from prefopt.modeling import DTYPES, disable_dropout
 
         spec = f"--judge {path}"
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{spec}: not a model directory ({str(e).splitlines()[0]})") from None
-        archs = list(getattr(config, "architectures", None) or [])
-        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ConfigError(f"{spec}: is a {', '.join(archs)} model, not a reward model; a judge directory must "
-                              "hold an AutoModelForSequenceClassification with num_labels=1")
-        if config.num_labels != 1:
-            raise ConfigError(f"{spec}: the model has {config.num_labels} output labels; a reward model must have "
-                              "exactly one (num_labels=1), whose value is the reward")
+        config = reward_model_config(path, trust_remote_code=trust_remote_code)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
@@ -132,6 +122,35 @@ class RewardModelJudge:
                 logits = self.model(**enc).logits
                 scores.extend(logits[:, 0].float().cpu().tolist())
         return scores
+
+
+def reward_model_config(path: str, *, trust_remote_code: bool = False):
+    """The config of a reward-model directory, checked to describe a one-output classifier."""
+    from transformers import AutoConfig
+
+    spec = f"--judge {path}"
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{spec}: not a model directory ({str(e).splitlines()[0]})") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{spec}: is a {', '.join(archs)} model, not a reward model; a judge directory must "
+                          "hold an AutoModelForSequenceClassification with num_labels=1")
+    if config.num_labels != 1:
+        raise ConfigError(f"{spec}: the model has {config.num_labels} output labels; a reward model must have "
+                          "exactly one (num_labels=1), whose value is the reward")
+    return config
+
+
+def check_judge(spec: str, *, trust_remote_code: bool = False) -> None:
+    """Fail early on a bad ``--judge`` without loading any weights (imports a callable's module)."""
+    spec = (spec or "").strip()
+    path = Path(spec).expanduser()
+    if spec and spec not in BUILTIN and path.is_dir():
+        reward_model_config(str(path), trust_remote_code=trust_remote_code)
+    elif not (spec in BUILTIN):
+        load_judge(spec)
 
 
 def _import_callable(spec: str) -> JudgeFn:

@@ -185,8 +185,13 @@ def detect_frontier_files(paths: list[str | Path]) -> list[Path]:
 
 
 def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, title: str | None = None,
-                  reward_label: str = "mean reward (judge)") -> Path:
-    """Reward against KL, one colour per method; points of a method are joined in KL order."""
+                  reward_label: str = "mean reward (judge)", log_kl: bool | None = None) -> Path:
+    """Reward against KL, one colour per method; points of a method are joined in KL order.
+
+    ``log_kl`` draws KL on a symmetric-log axis (linear near 0), for points whose KLs
+    span orders of magnitude; by default it is used when the largest KL is over 20 times
+    the median of the positive ones.
+    """
     plt = _pyplot()
     if not points:
         raise DataError("no points to draw a reward-vs-KL chart from")
@@ -207,7 +212,12 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, title: str 
             if p["label"] != method:
                 ax.annotate(p["label"], (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
-    ax.set_xlabel("KL(policy || reference), nats per completion")
+    kls = sorted(p["kl"] for p in points if p["kl"] > 0)
+    if log_kl is None:
+        log_kl = bool(kls) and kls[-1] > 20 * kls[len(kls) // 2]
+    if log_kl:
+        ax.set_xscale("symlog", linthresh=0.5)
+    ax.set_xlabel("KL(policy || reference), nats per completion" + (" (symlog scale)" if log_kl else ""))
     ax.set_ylabel(reward_label)
     ax.set_title(title or "Reward vs KL frontier")
     ax.grid(alpha=0.3)

@@ -352,6 +352,11 @@ def test_eval_generate_needs_a_judge_and_a_reference(tmp_path, tiny_model_dir, p
     assert "--judge" in capsys.readouterr().err
     assert main(base + ["--judge", "vader"]) == 2
     assert "--ref-model" in capsys.readouterr().err
+    assert main(base + ["--ref-model", str(tiny_model_dir), "--judge", "no_such_module_xyz:f"]) == 2
+    assert "cannot import module" in capsys.readouterr().err
+    assert main(base + ["--ref-model", str(tiny_model_dir), "--judge", str(tiny_model_dir)]) == 2
+    assert "not a reward model" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
 
 
 # ---------------------------------------------------------------------------- plot

@@ -164,7 +164,7 @@ def run_plot(args: argparse.Namespace) -> int:
     for p in written:
         print(p)
     if not written:
-        print(f"nothing to draw: the runs' metrics.jsonl files hold no logged metrics yet")
+        print("nothing to draw: the runs' metrics.jsonl files hold no logged metrics yet")
     return 0
 
 
@@ -177,6 +177,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                              "(default: ./prefopt-demo)")
     parser.add_argument("--quick", action="store_true", help="a much smaller configuration (under a minute)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --output-dir")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default: 1; the demo's model is too small to gain from more, "
+                             "and extra threads slow it down badly on a busy machine)")
 
 
 @command("demo", "run the whole pipeline (SFT, sampled pairs, DPO, evaluation) on a miniature sentiment task")(
@@ -184,5 +187,5 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from prefopt.demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.output_dir, quick=args.quick, overwrite=args.overwrite, threads=args.threads)
     return 0
