@@ -221,8 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: set[str] = frozenset
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         if typing.get_origin(base) is list:
-            (item,) = typing.get_args(base)
-            group.add_argument(flag, nargs="+", type=item, metavar=f.name.upper(), **kw)
+            group.add_argument(flag, nargs="+", metavar=f.name.upper(), **kw)
             continue
         typ = _optional(base) if optional else base
         group.add_argument(flag, type=typ, choices=meta["choices"], metavar=None if meta["choices"] else
@@ -247,6 +246,10 @@ def build_config(flags: dict[str, Any], config_file: str | None = None) -> tuple
     if config_file:
         values.update(load_yaml(config_file))
     values.update({k: v for k, v in flags.items() if k in FIELDS})
+    for name, value in values.items():  # "--loss-type sigmoid,sft" means the same as "sigmoid sft"
+        if isinstance(value, list):
+            values[name] = _coerce(name, [p.strip() for v in value for p in
+                                          (v.split(",") if isinstance(v, str) else [v]) if p != ""], "config")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg, set(values)

@@ -180,3 +180,14 @@ def test_two_processes_on_cpu(tiny_model_dir, pref_files, tmp_path, cache_dir):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses == pytest.approx([m["loss"] for m in rows(single / "metrics.jsonl") if "loss" in m], rel=1e-5)
+
+
+def test_list_options_take_commas_or_spaces(tmp_path):
+    from prefopt.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--loss-type", "sigmoid,sft", "--loss-weights", "1.0,0.5"])
+    cfg, _ = build_config({k: v for k, v in vars(args).items() if k not in ("command", "config", "func")})
+    assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
+    args = build_parser().parse_args(["train", "--loss-type", "sigmoid", "sft", "--loss-weights", "1", "0.5"])
+    cfg, _ = build_config({k: v for k, v in vars(args).items() if k not in ("command", "config", "func")})
+    assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
