@@ -79,7 +79,8 @@ def main() -> None:
             model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         )
         tokenizer = AutoTokenizer.from_pretrained(a.model)
-        dataset = load_dataset("json", data_files=a.data, split="train")
+        # a fresh datasets cache: nothing (tokenization, precomputed reference log-probs) carries over between runs
+        dataset = load_dataset("json", data_files=a.data, split="train", cache_dir=f"{tmp}/hf-datasets")
         trainer = DPOTrainer(model=a.model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[Timer()])
         trainer.train()

@@ -178,3 +178,53 @@ def padded_token_count(example: "TokenizedExample") -> int:
     The benchmark counts throughput this way for every trainer, so numbers compare.
     """
     return sum(len(example.prompt_ids) + len(c) for c in example.completions)
+
+
+def split_rows(batch: PackedBatch) -> list[PackedBatch]:
+    """The rows of ``batch`` as batches of one row each, cut to the row's own length.
+
+    Log-probs are unchanged (every sequence sees the same tokens at the same positions),
+    padding disappears, and a trainer that runs forward + backward row by row holds the
+    activations of one row at a time instead of the whole micro-batch. Valid only when
+    every example lies within one row, as with prefix sharing; otherwise (or for a
+    single row) the batch comes back whole, as ``[batch]``.
+    """
+    R, L = batch.input_ids.shape
+    if R == 1:
+        return [batch]
+    n_comp = batch.num_completions
+    row_of_token = torch.div(batch.hidden_index, L, rounding_mode="floor")
+    slot_of_token = torch.div(batch.token_seq, n_comp, rounding_mode="floor")
+    n_ex = batch.num_examples
+    rows_of_slot = torch.zeros(n_ex, R, dtype=torch.bool, device=row_of_token.device)
+    rows_of_slot[slot_of_token, row_of_token] = True
+    if bool((rows_of_slot.sum(1) != 1).any()):
+        return [batch]
+    mask = batch.attention_mask[:, 0]
+    # A real token attends to more than itself or is attended by a later one; padding does neither.
+    real = (mask.sum(-1) > 1) | (mask.sum(-2) > 1)
+    lengths = real.sum(-1).tolist()
+    parts = []
+    for r in range(R):
+        n = int(lengths[r])
+        sel = (row_of_token == r).nonzero().squeeze(1)
+        slots = rows_of_slot[:, r].nonzero().squeeze(1)
+        local = torch.full((n_ex,), -1, dtype=torch.long, device=slots.device)
+        local[slots] = torch.arange(slots.numel(), device=slots.device)
+        seq = batch.token_seq[sel]
+        parts.append(PackedBatch(
+            input_ids=batch.input_ids[r:r + 1, :n],
+            position_ids=batch.position_ids[r:r + 1, :n],
+            attention_mask=batch.attention_mask[r:r + 1, :, :n, :n],
+            hidden_index=batch.hidden_index[sel] - r * L,
+            target_ids=batch.target_ids[sel],
+            token_seq=local[torch.div(seq, n_comp, rounding_mode="floor")] * n_comp + seq % n_comp,
+            token_pos=batch.token_pos[sel],
+            num_seqs=int(slots.numel()) * n_comp,
+            num_completions=n_comp,
+            example_index=batch.example_index[slots],
+            labels=batch.labels[slots] if batch.labels is not None else None,
+            real_tokens=n,
+            slots=n,
+        ))
+    return parts

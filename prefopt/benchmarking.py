@@ -25,6 +25,8 @@ Counting conventions (the same ones ``benchmarks/bench_vs_trl.py`` uses for TRL)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import resource
@@ -151,6 +153,7 @@ def forward_flops(shape: ModelShape, batch: PackedBatch) -> float:
 class StepRecord:
     step: int
     seconds: float
+    example_index: list[int]
     pairs: int
     tokens: int          # padded-trainer convention (prompt once per completion)
     real_tokens: int
@@ -191,10 +194,25 @@ class BenchHooks:
         flops = per_forward * (3 + (1 if self.live_reference else 0))
         tokens = sum(padded_token_count(self.examples[int(i)]) for b in micro for i in b.example_index)
         self.records.append(StepRecord(
-            step=step, seconds=now - self._last, pairs=sum(b.num_examples for b in micro), tokens=tokens,
+            step=step, seconds=now - self._last, example_index=[int(i) for b in micro for i in b.example_index],
+            pairs=sum(b.num_examples for b in micro), tokens=tokens,
             real_tokens=sum(b.real_tokens for b in micro), slots=sum(b.slots for b in micro), flops=flops,
             loss=float(metrics.get("loss", float("nan")))))
         self._last = time.perf_counter()  # the FLOP count above is not training time
+
+    def token_digest(self) -> str:
+        """Digest of the token ids trained on: ``[prompt_ids, completions]`` per example, step by step.
+
+        Within a step the examples go in dataset order (rows may run in another order, which
+        changes no sum). The same formula in ``benchmarks/trl_dpo_run.py`` shows both trainers
+        saw the same tokens in the same steps.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for r in self.records:
+            for i in sorted(r.example_index):
+                ex = self.examples[i]
+                h.update(json.dumps([ex.prompt_ids, ex.completions]).encode())
+        return h.hexdigest()
 
 
 def summarize(hooks: BenchHooks, *, setup_seconds: float, wall_seconds: float, peak: tuple[float, str],
@@ -235,6 +253,7 @@ def summarize(hooks: BenchHooks, *, setup_seconds: float, wall_seconds: float, p
         "total_params": hooks.shape.total_params,
         "trainable_params": hooks.shape.trainable_params,
         "reference": hooks.reference_kind,
+        "token_digest": hooks.token_digest(),
         "losses": [r.loss for r in recs],
         "step_seconds": [r.seconds for r in recs],
         "settings": settings,

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefopt.batching import PackedBatch
+from prefopt.batching import PackedBatch, split_rows
 
 # (model, batch) -> per-sequence log-probs [num_seqs] (after any LD-DPO transform)
 SeqScorer = Callable[[torch.nn.Module, PackedBatch], torch.Tensor]
@@ -108,8 +108,9 @@ class CachedReference:
         with torch.no_grad(), ctx:
             for batch in batches:
                 batch = batch.to(device)
-                values = score(model, batch).float().cpu().reshape(-1, num_completions)
-                table[batch.example_index.cpu()] = values
+                for part in split_rows(batch):  # row by row: no forward over padding
+                    values = score(model, part).float().cpu().reshape(-1, num_completions)
+                    table[part.example_index.cpu()] = values
                 if progress:
                     progress(batch.num_examples)
         model.train(was_training)

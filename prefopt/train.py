@@ -544,7 +544,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         if hooks is not None:
-            hooks.on_step(state["step"], micro, step_metrics)
+            hooks.on_step(state["step"], parts, step_metrics)
         state["micro_batches"] += len(micro)
         state["pairs_seen"] += int(global_pairs)
         if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:

@@ -9,6 +9,7 @@ reference pass is part of what is measured; final/ is not written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -61,7 +62,9 @@ def run_bench(args: argparse.Namespace) -> int:
         cfg, explicit = build_config(flags, args.config)
         hooks = BenchHooks()
         start = time.perf_counter()
-        train(cfg, explicit, hooks=hooks)
+        # with --format json, stdout carries the JSON only: the run's own messages go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if out_format == "json" else contextlib.nullcontext():
+            train(cfg, explicit, hooks=hooks)
         if not hooks.records:
             raise ConfigError("no training step ran (empty training data?)")
         setup = hooks.train_start - start
