@@ -51,16 +51,15 @@ if os.environ.get("PREFOPT_TEST_SEEN"):
         MARKER.write_text(HANG)
         time.sleep(600)
 
-    forward, calls = T.forward_loss, [0]
+    parts, calls = T.row_parts, [0]
 
-    def forward_loss(model, batch, *args, **kwargs):
-        if model.training:
-            calls[0] += 1
-            if HANG == f"step:{calls[0]}":
-                stop_here()
-            SEEN.write(json.dumps(batch.example_index.tolist()) + "\n")
-            SEEN.flush()
-        return forward(model, batch, *args, **kwargs)
+    def row_parts(batch, *args, **kwargs):  # called once per training micro-batch
+        calls[0] += 1
+        if HANG == f"step:{calls[0]}":
+            stop_here()
+        SEEN.write(json.dumps(batch.example_index.tolist()) + "\n")
+        SEEN.flush()
+        return parts(batch, *args, **kwargs)
 
     save = AC.save
 
@@ -76,7 +75,7 @@ if os.environ.get("PREFOPT_TEST_SEEN"):
             stop_here()
         return card(*args, **kwargs)
 
-    T.forward_loss, AC.save, T.model_card = forward_loss, hanging_save, hanging_card
+    T.row_parts, AC.save, T.model_card = row_parts, hanging_save, hanging_card
 '''
 
 
@@ -137,17 +136,16 @@ def test_kill9_at_any_moment_then_resume_matches_uninterrupted(tmp_path, tiny_mo
 
     # Uninterrupted run, in-process, logging each micro-batch's examples the same way.
     seen_ref: list[list[int]] = []
-    forward = T.forward_loss
+    parts = T.row_parts
 
-    def logging_forward(model, batch, *args, **kwargs):
-        if model.training:
-            seen_ref.append(batch.example_index.tolist())
-        return forward(model, batch, *args, **kwargs)
+    def logging_parts(batch, *args, **kwargs):  # called once per training micro-batch
+        seen_ref.append(batch.example_index.tolist())
+        return parts(batch, *args, **kwargs)
 
-    monkeypatch.setattr(T, "forward_loss", logging_forward)
+    monkeypatch.setattr(T, "row_parts", logging_parts)
     ref_out = tmp_path / "ref"
     assert cli.main(_args(tiny_model_dir, data, ref_out, cache)) == 0
-    monkeypatch.setattr(T, "forward_loss", forward)
+    monkeypatch.setattr(T, "row_parts", parts)
     assert len(seen_ref) == 12 and Counter(i for b in seen_ref for i in b) == {i: 2 for i in range(24)}
 
     out = tmp_path / "run"
@@ -216,14 +214,25 @@ class _NanGrad(torch.autograd.Function):
 
 
 def _inject(monkeypatch, bad_loss_steps: set[int], bad_grad_steps: set[int]) -> list[dict[str, torch.Tensor]]:
-    """Patch forward_loss; return the list of weight snapshots taken at the start of each step."""
-    forward = T.forward_loss
+    """Patch the step's pieces; return the list of weight snapshots taken at the start of each step.
+
+    A step (grad-accum 1) is one micro-batch, which the loop may run as several rows: row_parts
+    marks the start of a step, and every forward of that step's rows gets the injection.
+    """
+    forward, parts = T.forward_loss, T.row_parts
     snapshots: list[dict[str, torch.Tensor]] = []
+    new_step = [False]
+
+    def patched_parts(batch, *args, **kwargs):
+        new_step[0] = True
+        return parts(batch, *args, **kwargs)
 
     def patched(model, batch, *args, **kwargs):
         losses, out, pol = forward(model, batch, *args, **kwargs)
         if model.training:
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            if new_step[0]:
+                snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                new_step[0] = False
             step = len(snapshots)
             if step in bad_loss_steps:
                 losses = losses * float("nan")
@@ -232,6 +241,7 @@ def _inject(monkeypatch, bad_loss_steps: set[int], bad_grad_steps: set[int]) -> 
         return losses, out, pol
 
     monkeypatch.setattr(T, "forward_loss", patched)
+    monkeypatch.setattr(T, "row_parts", patched_parts)
     return snapshots
 
 
