@@ -141,15 +141,20 @@ def _load_jsonl(path: Path) -> list[Row]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The whole file as text; invalid UTF-8 is reported with the line it is on."""
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError("invalid UTF-8", source=str(path), line=line) from exc
+
+
 def _load_json(path: Path, split: str) -> list[Row]:
     """A list of objects, an object holding such a list, or a dict of equal-length columns."""
     source = str(path)
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError("invalid UTF-8", source=source, line=line) from exc
+    text = _read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -204,12 +209,7 @@ def _json_records(value: Any, split: str, source: str) -> list:
 def _load_csv(path: Path) -> list[Row]:
     """CSV with a header row; cells holding JSON message lists are decoded to lists."""
     source = str(path)
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError("invalid UTF-8", source=source, line=line) from exc
+    text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
