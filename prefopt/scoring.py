@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from prefopt.batching import collate
 from prefopt.config import TrainConfig, validate
+from prefopt.errors import ConfigError
 from prefopt.inputs import prepare_examples
 from prefopt.logprobs import completion_logps
 from prefopt.losses import LossParams, PairLogps, compute_loss, needs_reference
 from prefopt.modeling import load_causal_lm, load_tokenizer
-from prefopt.train import effective_logps, loss_params
+from prefopt.train import batches, effective_logps, loss_params
 
 log = logging.getLogger("prefopt")
 
@@ -28,9 +28,8 @@ def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torc
     tokens = torch.zeros(len(examples), n_comp)
     device = next(model.parameters()).device
     size = cfg.eval_batch_size or cfg.batch_size
-    for start in range(0, len(examples), size):
-        batch = collate(examples[start:start + size], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-                        packing=cfg.packing).to(device)
+    for batch in batches(examples, list(range(len(examples))), size, pad_id, cfg):
+        batch = batch.to(device)
         seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size)
         idx = batch.example_index.cpu()
         logps[idx] = effective_logps(seq, batch, cfg, n_comp).float().cpu().view(-1, n_comp)
@@ -42,7 +41,7 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
     """Loss, reward metrics and per-example log-probs of ``cfg.data`` under policy and reference."""
     validate(cfg)
     if not cfg.model:
-        raise_missing("--model")
+        raise ConfigError("--model is required: a local model directory or a hub name")
     tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.chat_template)
     cfg.eval_fraction = 0.0
@@ -88,12 +87,6 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
         row["loss"] = out.losses[i].item()
         result["per_example"].append(row)
     return result
-
-
-def raise_missing(option: str) -> None:
-    from prefopt.errors import ConfigError
-
-    raise ConfigError(f"{option} is required")
 
 
 def write_json(obj: dict[str, Any], path: str | Path) -> None:

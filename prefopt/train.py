@@ -136,10 +136,19 @@ def effective_logps(seq: SeqLogps, batch: PackedBatch, cfg: TrainConfig, num_com
     return ld_logps(seq.token_logps, batch.token_seq, batch.token_pos, public, cfg.ld_alpha)
 
 
-def _batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return (collate([examples[j] for j in c], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-                    packing=cfg.packing) for c in chunks)
+def _chunks(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _collate_fn(examples, pad_id: int, cfg: TrainConfig):
+    """Index list -> PackedBatch, laid out as the config says (prefix sharing, packing)."""
+    return lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
+                               packing=cfg.packing)
+
+
+def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
+    """Packed batches of ``examples`` in ``order`` (for the no-grad passes: reference, eval, scoring)."""
+    return map(_collate_fn(examples, pad_id, cfg), _chunks(order, batch_size))
 
 
 def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int,
@@ -170,7 +179,7 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
             path = cache_root / "ref_logps" / f"{key}.safetensors"
             with accelerator.main_process_first():
                 table, hit = CachedReference.build(
-                    ref, _batches(examples, list(range(len(examples))), batch, tokenizer.pad_token_id, cfg),
+                    ref, batches(examples, list(range(len(examples))), batch, tokenizer.pad_token_id, cfg),
                     len(examples), num_completions, score, cache_file=path, device=accelerator.device)
             accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
                               f"({len(examples)} examples) {path}")
@@ -344,7 +353,7 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
     stats = StepStats()
     batch_size = cfg.eval_batch_size or cfg.batch_size
     order = list(range(len(examples)))[accelerator.process_index::accelerator.num_processes]
-    for batch in _batches(examples, order, batch_size, pad_id, cfg):
+    for batch in batches(examples, order, batch_size, pad_id, cfg):
         batch = batch.to(accelerator.device)
         losses, out, policy = forward_loss(model, batch, reference, cfg, mode, params)
         record(stats, out, policy, losses, mode, batch.labels)
@@ -382,10 +391,9 @@ def _microbatches(examples, cfg, pad_id: int, accelerator, start_epoch: int, ski
     epoch = start_epoch
     while True:
         order = epoch_order(len(examples), epoch, cfg)
-        chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        loader = DataLoader(range(len(examples)), batch_sampler=FixedBatches(chunks, cfg.batch_size),
-                            collate_fn=lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id,
-                                                           prefix_sharing=cfg.prefix_sharing, packing=cfg.packing))
+        loader = DataLoader(range(len(examples)), batch_sampler=FixedBatches(_chunks(order, cfg.batch_size),
+                                                                             cfg.batch_size),
+                            collate_fn=_collate_fn(examples, pad_id, cfg))
         loader = accelerator.prepare_data_loader(loader)
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
