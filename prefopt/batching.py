@@ -53,6 +53,9 @@ class PackedBatch:
     labels: torch.Tensor | None    # [E] bool, KTO rows only
     real_tokens: int               # tokens computed that are not padding
     slots: int                     # R * L, padding included
+    # per row, every segment as (start, prompt length, completion lengths): the mask in a form
+    # attention kernels can use to skip what it hides (see prefopt.attention)
+    segments: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -122,13 +125,16 @@ def collate(
     target_ids: list[int] = []
     token_seq: list[int] = []
     token_pos: list[int] = []
+    layout: list[tuple[tuple[int, int, tuple[int, ...]], ...]] = []
 
     for r, row in enumerate(rows):
         cursor = 0
+        row_layout = []
         for local, s in enumerate(row):
             seg = segments[s]
             prompt_ids = seg[0][1]
             prompt_start, P = cursor, len(prompt_ids)
+            row_layout.append((cursor, P, tuple(len(ids) for _, ids, _ in seg[1:])))
             for seq, ids, part in seg:
                 n = len(ids)
                 sl = slice(cursor, cursor + n)
@@ -145,6 +151,7 @@ def collate(
                     token_seq.extend([seq] * n)
                     token_pos.extend(range(n))
                 cursor += n
+        layout.append(tuple(row_layout))
 
     same_seg = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -169,6 +176,7 @@ def collate(
         labels=labels,
         real_tokens=int(sum(seg_len)),
         slots=R * L,
+        segments=tuple(layout),
     )
 
 
@@ -226,5 +234,6 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
             labels=batch.labels[slots] if batch.labels is not None else None,
             real_tokens=n,
             slots=n,
+            segments=batch.segments[r:r + 1],
         ))
     return parts

@@ -109,6 +109,10 @@ class TrainConfig:
     prefix_sharing: bool = opt(True, "compute each pair's prompt once: [prompt | chosen | rejected]",
                                group="speed")
     packing: bool = opt(True, "pack several pairs into one row instead of padding", group="speed")
+    lean_activations: bool = opt(True, "keep fewer activations for the backward: RMSNorm and SwiGLU MLPs recompute "
+                                 "their element-wise intermediates (bit-identical forward)", group="speed")
+    block_attention: bool = opt(True, "attention per segment, skipping the blocks the mask hides "
+                                "(SDPA models; --no-block-attention: one masked SDPA call per row)", group="speed")
     lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk", group="speed")
     full_lm_head: bool = opt(False, "run the LM head over every position (ablation only)", group="speed")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)", group="lora")

@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.batching import PackedBatch
 
 
@@ -38,7 +40,7 @@ class SeqLogps:
 def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean masks for SDPA-style kernels; an additive float mask for eager attention."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-    if impl == "sdpa" or impl == "flex_attention":
+    if impl in ("sdpa", "flex_attention", SEGMENT_ATTENTION):
         return mask
     if "flash" in impl:
         raise ValueError(
@@ -55,6 +57,12 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _layout_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
+    """The segment layout, for models switched to prefopt's block attention (see prefopt.attention)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"prefopt_segments": batch.segments} if impl == SEGMENT_ATTENTION and batch.segments else {}
+
+
 def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Run the decoder stack (no LM head) and return the last hidden states ``[R, L, d]``."""
     decoder = model.get_decoder()
@@ -63,6 +71,7 @@ def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.T
         attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
         position_ids=batch.position_ids,
         use_cache=False,
+        **_layout_kwargs(model, batch),
     )
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
@@ -76,6 +85,45 @@ def _postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+class _HeadLogps(torch.autograd.Function):
+    """``log softmax(h W^T)[target]`` for a chunk of positions, with a hand-written backward.
+
+    Autograd through ``gather - logsumexp`` allocates three ``[chunk, vocab]`` tensors in the
+    backward (a zero-filled scatter target, the softmax, their sum); here one buffer holds the
+    recomputed logits and becomes ``g * (onehot - softmax)`` in place. Like the checkpointed
+    path it stores no ``[chunk, vocab]`` tensor between forward and backward: only the inputs
+    and the log-sum-exp. The head must be a plain bias-free linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, weight).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        return token_logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        g = F.linear(hidden, weight).float()           # logits again, then d(loss)/d(logits) in place
+        g.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        g.scatter_add_(-1, targets[:, None], grad[:, None])
+        g = g.to(weight.dtype)
+        grad_hidden = g @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+def _plain_head(head, config) -> bool:
+    """True when the head is ``h @ W^T`` and nothing after it (most decoders)."""
+    scale = getattr(config, "logit_scale", None)
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not (isinstance(scale, (int, float)) and scale != 1)
+            and not getattr(config, "final_logit_softcapping", None))
 
 
 def _chunk_logps(head, config, hidden: torch.Tensor, targets: torch.Tensor, with_wpo: bool):
@@ -110,6 +158,7 @@ def completion_logps(
             attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
             position_ids=batch.position_ids,
             use_cache=False,
+            **_layout_kwargs(model, batch),
         )
         logp = out.logits.float().log_softmax(-1).flatten(0, 1)
         token_logps = logp[batch.hidden_index, batch.target_ids]
@@ -119,10 +168,13 @@ def completion_logps(
         picked = hidden.flatten(0, 1).index_select(0, batch.hidden_index)
         parts, sq_parts = [], []
         grad = torch.is_grad_enabled() and picked.requires_grad
+        fused = grad and not with_wpo and _plain_head(head, config)
         for start in range(0, picked.shape[0], chunk_size):
             h = picked[start:start + chunk_size]
             t = batch.target_ids[start:start + chunk_size]
-            if grad:
+            if fused:
+                lp, sq = _HeadLogps.apply(h, head.weight, t), None
+            elif grad:
                 lp, sq = checkpoint(_chunk_logps, head, config, h, t, with_wpo, use_reentrant=False)
             else:
                 lp, sq = _chunk_logps(head, config, h, t, with_wpo)

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from prefopt.attention import use_segment_attention
 from prefopt.errors import ModelError
 
 log = logging.getLogger("prefopt")
@@ -68,8 +69,13 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False,
 
 
 def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, load_in_4bit: bool = False) -> torch.nn.Module:
-    """Load a causal LM with dropout switched off (DPO's log-prob ratios must be deterministic)."""
+                   trust_remote_code: bool = False, load_in_4bit: bool = False,
+                   block_attention: bool = True) -> torch.nn.Module:
+    """Load a causal LM with dropout switched off (DPO's log-prob ratios must be deterministic).
+
+    With ``block_attention`` an SDPA model is switched to :mod:`prefopt.attention`, which
+    computes packed rows segment by segment and is plain SDPA everywhere else.
+    """
     check_exists(name, "model")
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code)
@@ -95,6 +101,8 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load a causal LM from '{name}': {_detail(e)}") from None
     disable_dropout(model)
+    if block_attention:
+        use_segment_attention(model)
     return model
 
 

@@ -52,6 +52,7 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
 
     def load(name: str):
         return load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                              block_attention=cfg.block_attention,
                               trust_remote_code=cfg.trust_remote_code).to(device)
 
     policy = load(cfg.model)

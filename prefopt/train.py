@@ -32,6 +32,7 @@ from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
+from prefopt.layers import slim_activations
 from prefopt.logprobs import CompletionLogpsModel, SeqLogps, completion_logps
 from prefopt.losses import (
     LossOutput,
@@ -163,13 +164,14 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
     separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
     if cfg.ref_cache and cfg.ref_sync == "none":
         ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                             block_attention=cfg.block_attention,
                              trust_remote_code=cfg.trust_remote_code) if separate else policy
         ref.to(accelerator.device)
         weights = hash_weights(ref)
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
         extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "full_head": cfg.full_lm_head,
-                 "attn": cfg.attn_implementation}
+                 "attn": cfg.attn_implementation, "block_attention": cfg.block_attention}
         tables = []
         for examples in (data.train, data.eval):
             if not examples:
@@ -191,6 +193,7 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
         live = AdapterDisabledReference(policy, score)
         return live, live
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                         block_attention=cfg.block_attention,
                          trust_remote_code=cfg.trust_remote_code)
     ref.to(accelerator.device)
     live = ModelReference(ref, score)
@@ -442,6 +445,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     base_name = json.loads((Path(cfg.model) / "adapter_config.json").read_text())["base_model_name_or_path"] \
         if adapter else cfg.model
     policy = load_causal_lm(base_name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                            block_attention=cfg.block_attention,
                             trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
     if adapter:
         if not cfg.ref_cache and cfg.ref_model is None:
@@ -449,6 +453,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
                               "which needs the reference cache: drop --no-ref-cache or give --ref-model")
         policy = load_adapter_model(policy, cfg.model, trainable=True)
     policy.to(accelerator.device)
+    if cfg.lean_activations and accelerator.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                      DistributedType.FSDP):
+        slim_activations(policy)  # ZeRO-3/FSDP gather weights in sub-module hooks: keep their forwards there
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
     ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
     if cfg.lora_r > 0 and not adapter:

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import prefopt.attention as attention
 from prefopt.batching import collate, padded_token_count
+from prefopt.layers import slim_activations
 from prefopt.logprobs import completion_logps
 
 VOCAB = 97
@@ -46,6 +48,8 @@ def make_model(arch: str, attn: str) -> torch.nn.Module:
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
+    if attn == attention.NAME:
+        attention.register()
     model.config._attn_implementation = attn
     return model.eval()
 
@@ -63,15 +67,21 @@ def naive_logps(model, exs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", attention.NAME])
 @pytest.mark.parametrize("prefix_sharing,packing", [(True, True), (True, False), (False, True), (False, False)])
-def test_packed_equals_naive(arch, attn, prefix_sharing, packing):
+def test_packed_equals_naive(arch, attn, prefix_sharing, packing, monkeypatch):
     model = make_model(arch, attn)
     exs = examples()
     batch = collate(exs, pad_token_id=0, prefix_sharing=prefix_sharing, packing=packing)
+    calls = []
+    real = attention.segment_attention
+    monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        ref = naive_logps(model, exs)
+        ref = naive_logps(model, exs)  # the model's own forward: no layout, so plain SDPA
+        assert not calls
         got = completion_logps(model, batch, chunk_size=7)
+    # prefopt's block attention really ran (once per layer), it did not fall back to the mask
+    assert len(calls) == (2 if attn == attention.NAME else 0)
     assert torch.allclose(got.logps, ref, atol=1e-5, rtol=0)
     assert got.tokens.tolist() == [float(len(c)) for ex in exs for c in ex.completions]
 
@@ -84,13 +94,17 @@ def test_three_completions_share_one_prompt():
         assert torch.allclose(completion_logps(model, batch).logps, naive_logps(model, exs), atol=1e-5)
 
 
-def test_gradients_match_full_head():
-    """The chunked, checkpointed LM head gives the same gradients as the plain full forward."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gradients_match_full_head(arch):
+    """The chunked LM head (hand-written backward), block attention and lean activations give the
+    gradients of the plain full forward with SDPA and the modules' own forwards."""
     exs = examples()
     batch = collate(exs, pad_token_id=0)
     grads = []
     for full in (False, True):
-        model = make_model("llama", "sdpa").train()
+        model = make_model(arch, "sdpa" if full else attention.NAME).train()
+        if not full:
+            assert slim_activations(model) == {"rmsnorm": 5, "swiglu": 2}
         lp = completion_logps(model, batch, chunk_size=5, full_head=full).logps
         (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

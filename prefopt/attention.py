@@ -1,0 +1,143 @@
+"""Attention that computes only the blocks a packed, prefix-shared row can see.
+
+A row laid out by :func:`prefopt.batching.collate` holds segments ``[prompt | c_1 | c_2 ...]``
+one after another. Its mask is block-diagonal across segments, causal inside, and hides
+each completion from the others. SDPA with such an explicit mask still multiplies every
+query by every key of the row (an explicit mask also turns off the kernel's causal
+skipping), so a row of three packed pairs pays nine times the attention it needs.
+
+Here each segment is two or more SDPA calls on slices of the same ``q``/``k``/``v``:
+
+* ``[prompt | c_1]`` attends causally to itself (``is_causal=True``: the kernel skips the
+  upper triangle);
+* every later completion ``c_j`` attends to ``[prompt | c_1 .. c_j]`` with a small mask
+  that shows the prompt and ``c_j`` causally and hides ``c_1 .. c_{j-1}``.
+
+Slices are views, so nothing is copied on the way in; outputs are written once, in the
+``[batch, length, heads, head_dim]`` layout the model expects. Padding positions get
+zeros (nothing real attends to them). The result equals SDPA with the full mask up to
+float rounding; ``tests/test_attention.py`` checks values and gradients.
+
+It is registered with transformers as the attention implementation ``prefopt_sdpa``.
+The segment layout travels as the keyword argument ``prefopt_segments`` that
+transformers' decoders pass through to their attention function; without it (generation,
+a model that does not pass keyword arguments down, sliding windows, dropout) the call
+goes to transformers' own SDPA function unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "prefopt_sdpa"
+
+# One row's layout: for every segment, (start, prompt length, completion lengths).
+Segment = tuple[int, int, tuple[int, ...]]
+
+
+def _sdpa_fallback():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _completion_mask(prompt: int, before: int, length: int, device: torch.device) -> torch.Tensor:
+    """[length, prompt + before + length] bool: the prompt, not the ``before`` tokens, itself causally."""
+    cols = torch.arange(prompt + before + length, device=device)
+    rows = torch.arange(length, device=device)
+    own = cols[None, :] - (prompt + before)
+    return (cols[None, :] < prompt) | ((own >= 0) & (own <= rows[:, None]))
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      segments: list[list[Segment]] | tuple, scaling: float | None = None) -> torch.Tensor:
+    """Attention over packed rows, ``[B, H, L, D]`` in, ``[B, L, H, D]`` out.
+
+    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention).
+    """
+    B, H, L, D = query.shape
+    gqa = key.shape[1] != H
+    rows = []
+    for b in range(B):
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+        pieces = []
+        cursor = 0
+        for start, prompt, comps in segments[b]:
+            if start != cursor:
+                raise ValueError(f"segments of row {b} are not contiguous ({start} after {cursor})")
+            first = start + prompt + comps[0]
+            pieces.append(F.scaled_dot_product_attention(
+                q[:, :, start:first], k[:, :, start:first], v[:, :, start:first],
+                is_causal=True, scale=scaling, enable_gqa=gqa))
+            end = first
+            for c in comps[1:]:
+                mask = _completion_mask(prompt, end - start - prompt, c, query.device)
+                pieces.append(F.scaled_dot_product_attention(
+                    q[:, :, end:end + c], k[:, :, start:end + c], v[:, :, start:end + c],
+                    attn_mask=mask, scale=scaling, enable_gqa=gqa))
+                end += c
+            cursor = end
+        if cursor < L:
+            pieces.append(query.new_zeros(1, H, L - cursor, D))
+        rows.append(torch.cat([p.transpose(1, 2) for p in pieces], dim=1))
+    return rows[0] if B == 1 else torch.cat(rows, dim=0)
+
+
+def _window_covers(window, segments) -> bool:
+    """A sliding window changes nothing when no segment is longer than it (the usual case)."""
+    if window is None:
+        return True
+    if not isinstance(window, int):
+        return False
+    longest = max((p + sum(c) for row in segments for _, p, c in row), default=0)
+    return longest <= window
+
+
+def prefopt_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs):
+    """transformers attention-interface entry point (see the module docstring)."""
+    segments = kwargs.pop("prefopt_segments", None)
+    usable = (
+        segments is not None
+        and len(segments) == query.shape[0]
+        and key.shape[2] == query.shape[2]
+        and not dropout
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("s_aux") is None
+        and _window_covers(kwargs.get("sliding_window", getattr(module, "sliding_window", None)), segments)
+    )
+    if not usable:
+        return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                **kwargs)
+    return segment_attention(query, key, value, segments, scaling=scaling), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make ``prefopt_sdpa`` a transformers attention implementation (masks built as for SDPA)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, prefopt_sdpa_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def use_segment_attention(model: torch.nn.Module) -> bool:
+    """Switch an SDPA model to ``prefopt_sdpa``; False (model unchanged) where that is not possible."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == NAME

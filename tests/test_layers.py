@@ -1,0 +1,99 @@
+"""Lean activations (prefopt.layers): bit-identical forwards, autograd's gradients, fewer saved bytes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from prefopt.layers import slim_activations
+from prefopt.logprobs import _HeadLogps
+
+SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, head_dim=8)
+
+
+def build(cls, cfg_cls, **kw):
+    torch.manual_seed(0)
+    return cls(cfg_cls(**SMALL, **kw)).eval()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for the backward (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("cls,cfg_cls,expect", [
+    (LlamaForCausalLM, LlamaConfig, {"rmsnorm": 5, "swiglu": 2}),
+    (Qwen3ForCausalLM, Qwen3Config, {"rmsnorm": 9, "swiglu": 2}),  # per-head q/k norms too
+])
+def test_same_forward_same_gradients_less_saved(cls, cfg_cls, expect):
+    model = build(cls, cfg_cls)
+    lean = copy.deepcopy(model)
+    assert slim_activations(lean) == expect
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
+    params = {p.untyped_storage().data_ptr() for m in (model, lean) for p in m.parameters()}
+    want, saved_want = saved_bytes(lambda: model(ids).logits)
+    got, saved_got = saved_bytes(lambda: lean(ids).logits)
+    assert torch.equal(got, want)  # op for op the modules' own arithmetic
+    act_want = sum(n for k, n in saved_want.items() if k not in params)
+    act_got = sum(n for k, n in saved_got.items() if k not in params)
+    assert act_got < 0.8 * act_want
+    w = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * w).sum(), list(model.parameters()))
+    g_got = torch.autograd.grad((got * w).sum(), list(lean.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), g_got, g_want):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name  # float32 rounding, summed differently
+
+
+def test_modules_with_other_arithmetic_are_left_alone():
+    """Gemma's norm scales by (1 + weight) and its MLP uses GELU: neither matches, neither is patched."""
+    model = build(GemmaForCausalLM, GemmaConfig)
+    assert slim_activations(model) == {"rmsnorm": 0, "swiglu": 0}
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_lora_added_after_patching_still_trains_the_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    base = build(LlamaForCausalLM, LlamaConfig)
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "q_proj"],
+                                                           init_lora_weights=False))
+    slim_activations(base)
+    lean = get_peft_model(base, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "q_proj"],
+                                           init_lora_weights=False))
+    lean.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 97, (1, 9))
+    a, b = plain(ids).logits, lean(ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    ga = torch.autograd.grad(a.square().sum(), [p for p in plain.parameters() if p.requires_grad])
+    gb = torch.autograd.grad(b.square().sum(), [p for p in lean.parameters() if p.requires_grad])
+    assert len(ga) == len(gb) > 0
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_logps_backward_matches_autograd(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(41, 16, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 41, (23,), generator=g)
+    up = torch.randn(23, generator=g)
+    got = _HeadLogps.apply(h, w, t)
+    want = torch.nn.functional.linear(h, w).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    g_got = torch.autograd.grad((got * up).sum(), (h, w))
+    g_want = torch.autograd.grad((want * up).sum(), (h, w))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
