@@ -46,6 +46,8 @@ ABLATIONS = [
     ("no prefix sharing", ["--no-prefix-sharing"]),
     ("no packing", ["--no-packing"]),
     ("full LM head", ["--full-lm-head"]),
+    ("no block attention", ["--no-block-attention"]),
+    ("no lean activations", ["--no-lean-activations"]),
 ]
 
 
