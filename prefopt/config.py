@@ -88,7 +88,7 @@ class TrainConfig:
     # optimisation
     learning_rate: float = opt(1e-6, "peak learning rate")
     optimizer: str = opt("adamw", "optimizer (the DPO paper used rmsprop)", ("adamw", "rmsprop"))
-    weight_decay: float = opt(0.0, "decoupled weight decay")
+    weight_decay: float = opt(0.0, "decoupled weight decay (matrices only; biases and norm scales are not decayed)")
     lr_scheduler: str = opt("linear", "schedule after warmup", ("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "linear warmup steps (wins over --warmup-ratio)")
     warmup_ratio: float = opt(0.0, "warmup as a fraction of the total optimizer steps")

@@ -216,15 +216,28 @@ def check_tracker(report_to: str) -> None:
                           f"(pip install {package})")
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, with weight decay on matrices (weights, embeddings) only.
+
+    Decaying biases and norm scales pulls them towards zero for no regularisation benefit; like
+    most trainers (nanoGPT's rule: decay tensors of two or more dimensions) they are left alone.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [g for g in ({"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(groups, lr=cfg.learning_rate)
     # The fused kernel (CPU and CUDA) does the whole update in one pass over each tensor: same
     # AdamW, a fraction of the memory traffic of the per-tensor loop (which is torch's CPU default).
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 def epoch_order(n: int, epoch: int, cfg: TrainConfig) -> list[int]:
@@ -514,7 +527,6 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     # a checkpoint taken mid logging window carries the window, so the next row averages the same steps
     window = StepStats(**state.pop("window")) if "window" in state else StepStats()
     last_log = time.perf_counter()
-    ln2_steps = 0
     final_metrics: dict[str, Any] = {}
 
     while state["step"] < steps:
@@ -571,14 +583,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         _merge_window(window, stats, step_metrics, finite)
         if mode == "pairs" and finite and abs(step_metrics["loss"] - math.log(2)) < 1e-4 \
                 and abs(step_metrics.get("rewards/margins", 0.0)) < 1e-6 and state["step"] > warmup:
-            ln2_steps += 1
-            if ln2_steps == 20:
+            state["ln2_steps"] = state.get("ln2_steps", 0) + 1  # checkpointed: a resume keeps counting
+            if state["ln2_steps"] == 20:
                 log.warning("loss has stayed at ln 2 with zero margins for 20 steps after warmup: the policy is "
                             "not moving. Likely causes: a learning rate too small for the dtype, all parameters "
                             "frozen, chosen identical to rejected, or a reference that is the policy itself "
                             "being updated")
         else:
-            ln2_steps = 0
+            state["ln2_steps"] = 0
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",

@@ -379,3 +379,18 @@ def test_resume_tolerates_a_metrics_line_cut_by_a_kill(tmp_path):
     path.write_text('{"step": 1, "loss": 0.6}\n{"step": 2, "loss": 0.5}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
     T._truncate_metrics(path, 2, Main())
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_ln2_count_survives_a_resume(tmp_path, tiny_model_dir, pref_files, caplog):
+    """12 stuck steps, a checkpoint, a resume and 9 more: the warning comes at step 20 all the same."""
+    out = tmp_path / "out"
+    common = dict(batch_size=2, learning_rate=1e-15, ref_cache=False, save_steps=12)
+    cfg, explicit = _cfg(tiny_model_dir, pref_files[0], out, tmp_path / "cache", max_steps=12, **common)
+    with caplog.at_level("WARNING", logger="prefopt"):
+        T.train(cfg, explicit)
+    assert "ln 2" not in caplog.text
+    cfg, explicit = _cfg(tiny_model_dir, pref_files[0], out, tmp_path / "cache", max_steps=21, resume="latest",
+                         **common)
+    with caplog.at_level("WARNING", logger="prefopt"):
+        T.train(cfg, explicit)
+    assert "loss has stayed at ln 2 with zero margins for 20 steps" in caplog.text

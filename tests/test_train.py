@@ -191,3 +191,20 @@ def test_list_options_take_commas_or_spaces(tmp_path):
     args = build_parser().parse_args(["train", "--loss-type", "sigmoid", "sft", "--loss-weights", "1", "0.5"])
     cfg, _ = build_config({k: v for k, v in vars(args).items() if k not in ("command", "config", "func")})
     assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
+
+
+def test_weight_decay_spares_biases_and_norms():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from prefopt.train import param_groups
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=32))  # q/k/v have biases
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, spared = param_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    assert {names[id(p)] for p in spared["params"]} == {n for n, p in model.named_parameters() if p.dim() == 1}
+    assert any(n.endswith("q_proj.bias") for n in (names[id(p)] for p in spared["params"]))
+    assert any(n.endswith("norm.weight") for n in (names[id(p)] for p in spared["params"]))
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
+    assert param_groups(model, 0.0)[0]["weight_decay"] == 0.0 and len(param_groups(model, 0.0)) == 1
