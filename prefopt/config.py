@@ -78,7 +78,8 @@ class TrainConfig:
     undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples", group="loss")
     cpo_alpha: float = opt(1.0, "weight of CPO's NLL term", group="loss")
     discopop_tau: float = opt(0.05, "DiscoPOP temperature of its log-ratio modulation", group="loss")
-    bco_delta: float = opt(0.0, "BCO reward shift delta", group="loss")
+    bco_delta: float | None = opt(None, "BCO reward shift delta (default: the running mean of the rewards, "
+                                  "as in the paper)", group="loss")
     wpo_weighting: bool = opt(False, "weight pairs by their probability under the policy (WPO)", group="loss")
     ld_alpha: float | None = opt(None, "LD-DPO: weight of tokens beyond the shorter completion's length",
                                  group="loss")

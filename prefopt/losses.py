@@ -93,9 +93,9 @@ class LossParams:
         cpo_alpha: weight of CPO's NLL term (length-averaged).
         discopop_tau: τ of DiscoPOP's log-ratio modulation σ(βh/τ) (paper: 0.05).
         bco_delta: δ of ``bco_pair``, the reward shift on the reward (β·Δ) scale. The
-            paper uses a running mean of the rewards; losses are pure, so the trainer may
-            feed that running mean here each step (``dataclasses.replace``). The
-            ``bco/reward_mean`` metric is the current batch's mean reward to update it.
+            paper uses a running mean of the rewards; losses are pure, so the trainer
+            feeds that running mean here each step (``prefopt.train.update_bco_delta``,
+            from the ``bco/reward_mean`` metric) unless ``--bco-delta`` fixes it.
     """
 
     beta: float = 0.1
@@ -323,8 +323,8 @@ def bco_pair_loss(policy: PairLogps, ref: PairLogps, params: LossParams) -> Loss
     reward shift δ: ``−log σ(βΔ_w − δ) − log σ(−(βΔ_l − δ))``.
 
     The paper sets δ to a running mean of the rewards β·Δ (chosen and rejected). Losses are
-    pure, so δ comes from ``params.bco_delta`` (default 0.0); the trainer may feed its
-    running mean, updated from the ``bco/reward_mean`` metric (this batch's mean reward).
+    pure, so δ comes from ``params.bco_delta``; the trainer feeds its running mean,
+    updated from the ``bco/reward_mean`` metric (this batch's mean reward).
 
     When to choose it: a classifier view of preferences that treats each completion on its
     own (each term pushes its own likelihood), robust when chosen/rejected are both poor.

@@ -15,7 +15,7 @@ import math
 import pickle
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,24 @@ def job_mode(cfg: TrainConfig) -> str:
 
 
 def loss_params(cfg: TrainConfig) -> LossParams:
+    """The loss options of ``cfg``; an option left unset (None) keeps the loss's default."""
     names = LossParams.__dataclass_fields__
-    return LossParams(**{k: v for k, v in cfg.to_dict().items() if k in names})
+    return LossParams(**{k: v for k, v in cfg.to_dict().items() if k in names and v is not None})
+
+
+def bco_running_delta(cfg: TrainConfig) -> bool:
+    """BCO's reward shift is the running mean of the rewards (arXiv 2404.04656) unless given."""
+    return "bco_pair" in cfg.loss_type and cfg.bco_delta is None
+
+
+def update_bco_delta(state: dict, reward_mean: float) -> None:
+    """Running mean over steps of each step's mean reward (chosen and rejected, all processes).
+
+    Kept in the trainer state, so a checkpoint carries it and a resume continues it."""
+    n = state.get("bco_count", 0) + 1
+    delta = state.get("bco_delta", 0.0)
+    state["bco_delta"] = delta + (reward_mean - delta) / n
+    state["bco_count"] = n
 
 
 def prepare_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
@@ -537,6 +553,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
         global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
         stats = StepStats()
+        if bco_running_delta(cfg):
+            params = replace(params, bco_delta=state.get("bco_delta", 0.0))
         parts = [part for batch in micro for part in row_parts(batch, cfg, mode, accelerator)]
         for i, batch in enumerate(parts):
             # Gradients are all-reduced (DDP) or stepped (DeepSpeed) only after the window's last micro-batch.
@@ -559,6 +577,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         step_metrics = finish_stats(stats, accelerator)
         step_metrics["grad_norm"] = grad_norm
         finite = math.isfinite(step_metrics["loss"]) and math.isfinite(grad_norm)
+        if bco_running_delta(cfg):
+            step_metrics["bco/delta"] = params.bco_delta
+            if finite:
+                update_bco_delta(state, step_metrics["bco/reward_mean"])
         if finite:
             optimizer.step()
             state["nonfinite_in_a_row"] = 0

@@ -208,3 +208,25 @@ def test_weight_decay_spares_biases_and_norms():
     assert any(n.endswith("norm.weight") for n in (names[id(p)] for p in spared["params"]))
     assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
     assert param_groups(model, 0.0)[0]["weight_decay"] == 0.0 and len(param_groups(model, 0.0)) == 1
+
+
+def test_bco_delta_is_the_running_mean_of_rewards_and_survives_a_resume(tiny_model_dir, pref_files, tmp_path,
+                                                                        cache_dir):
+    common = dict(loss_type=["bco_pair"], logging_steps=1, eval_data=None, batch_size=4, learning_rate=1e-3)
+    full = tmp_path / "full"
+    train(cfg_for(tiny_model_dir, pref_files, full, max_steps=6, **common))
+    logged = [r for r in rows(full / "metrics.jsonl") if "bco/delta" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    means = [r["bco/reward_mean"] for r in logged]
+    assert logged[0]["bco/delta"] == 0.0
+    for k in range(1, 6):  # step k+1 uses the mean of the k earlier steps' mean rewards
+        assert logged[k]["bco/delta"] == pytest.approx(sum(means[:k]) / k, rel=1e-6, abs=1e-9)
+    assert len(set(means)) > 1 and logged[-1]["bco/delta"] != 0.0
+    part = tmp_path / "part"
+    train(cfg_for(tiny_model_dir, pref_files, part, max_steps=3, save_steps=3, **common))
+    train(cfg_for(tiny_model_dir, pref_files, part, max_steps=6, save_steps=3, resume="latest", **common))
+    resumed = [r for r in rows(part / "metrics.jsonl") if "bco/delta" in r]
+    assert [r["bco/delta"] for r in resumed] == pytest.approx([r["bco/delta"] for r in logged], rel=1e-5, abs=1e-7)
+    fixed = tmp_path / "fixed"
+    train(cfg_for(tiny_model_dir, pref_files, fixed, max_steps=2, bco_delta=0.25, **common))
+    assert not any("bco/delta" in r for r in rows(fixed / "metrics.jsonl"))
