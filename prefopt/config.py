@@ -114,7 +114,8 @@ class TrainConfig:
                                  "their element-wise intermediates (bit-identical forward)", group="speed")
     block_attention: bool = opt(True, "attention per segment, skipping the blocks the mask hides "
                                 "(SDPA models; --no-block-attention: one masked SDPA call per row)", group="speed")
-    lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk", group="speed")
+    lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk at most (fewer for large vocabularies, "
+                                  "so a chunk's float32 logits stay under 64 MiB)", group="speed")
     full_lm_head: bool = opt(False, "run the LM head over every position (ablation only)", group="speed")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)", group="lora")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha", group="lora")

@@ -97,3 +97,26 @@ def test_head_logps_backward_matches_autograd(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(g_got, g_want):
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_head_chunks_shrink_for_large_vocabularies(monkeypatch):
+    """A chunk's logits stay under 2**24 elements; the log-probs do not depend on the chunking."""
+    import prefopt.logprobs as lp
+    from prefopt.batching import collate
+
+    from test_logprobs import examples
+
+    assert lp.head_chunk_tokens(1024, 8192) == 1024
+    assert lp.head_chunk_tokens(1024, 151_936) == 110
+    assert lp.head_chunk_tokens(1024, 10**9) == 16
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).train()
+    batch = collate(examples(), pad_token_id=0)
+    want = lp.completion_logps(model, batch, chunk_size=4096).logps
+    sizes = []
+    real = lp._HeadLogps.apply
+    monkeypatch.setattr(lp, "HEAD_CHUNK_ELEMENTS", 97 * 20)  # as if the vocabulary were huge: 20 tokens a chunk
+    monkeypatch.setattr(lp._HeadLogps, "apply", lambda h, w, t: sizes.append(h.shape[0]) or real(h, w, t))
+    got = lp.completion_logps(model, batch, chunk_size=4096).logps
+    assert max(sizes) == 20 and len(sizes) > 1 and sum(sizes) == batch.target_ids.numel()
+    assert torch.allclose(got, want, atol=1e-5)
