@@ -208,13 +208,9 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
     rows_of_slot[slot_of_token, row_of_token] = True
     if bool((rows_of_slot.sum(1) != 1).any()):
         return [batch]
-    mask = batch.attention_mask[:, 0]
-    # A real token attends to more than itself or is attended by a later one; padding does neither.
-    real = (mask.sum(-1) > 1) | (mask.sum(-2) > 1)
-    lengths = real.sum(-1).tolist()
     parts = []
     for r in range(R):
-        n = int(lengths[r])
+        n = sum(prompt + sum(comps) for _, prompt, comps in batch.segments[r])  # the row without its padding
         sel = (row_of_token == r).nonzero().squeeze(1)
         slots = rows_of_slot[:, r].nonzero().squeeze(1)
         local = torch.full((n_ex,), -1, dtype=torch.long, device=slots.device)

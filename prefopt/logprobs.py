@@ -37,9 +37,13 @@ class SeqLogps:
         return self.logps[0::2], self.logps[1::2], self.tokens[0::2], self.tokens[1::2]
 
 
+def _attn_impl(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean masks for SDPA-style kernels; an additive float mask for eager attention."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    impl = _attn_impl(model) or "eager"
     if impl in ("sdpa", "flex_attention", SEGMENT_ATTENTION):
         return mask
     if "flash" in impl:
@@ -59,8 +63,7 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def _layout_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
     """The segment layout, for models switched to prefopt's block attention (see prefopt.attention)."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return {"prefopt_segments": batch.segments} if impl == SEGMENT_ATTENTION and batch.segments else {}
+    return {"prefopt_segments": batch.segments} if _attn_impl(model) == SEGMENT_ATTENTION and batch.segments else {}
 
 
 def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:

@@ -281,6 +281,8 @@ class StepStats:
 
 # Losses that compare pairs with each other across the batch (AOT sorts margins over it).
 BATCH_COUPLED_LOSSES = {"aot", "aot_unpaired", "aot_pair"}
+# Engines that shard parameters and gather them in sub-module hooks, counting or reducing per backward.
+SHARDING_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def row_parts(batch: PackedBatch, cfg: TrainConfig, mode: str, accelerator: Accelerator) -> list[PackedBatch]:
@@ -292,7 +294,7 @@ def row_parts(batch: PackedBatch, cfg: TrainConfig, mode: str, accelerator: Acce
     (sorts over the batch), or DeepSpeed/FSDP (which count or shard per backward).
     """
     if (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type)
-            or accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)):
+            or accelerator.distributed_type in SHARDING_ENGINES):
         return [batch]
     return split_rows(batch)
 
@@ -482,8 +484,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
                               "which needs the reference cache: drop --no-ref-cache or give --ref-model")
         policy = load_adapter_model(policy, cfg.model, trainable=True)
     policy.to(accelerator.device)
-    if cfg.lean_activations and accelerator.distributed_type not in (DistributedType.DEEPSPEED,
-                                                                      DistributedType.FSDP):
+    if cfg.lean_activations and accelerator.distributed_type not in SHARDING_ENGINES:
         slim_activations(policy)  # ZeRO-3/FSDP gather weights in sub-module hooks: keep their forwards there
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
     ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
@@ -544,6 +545,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     window = StepStats(**state.pop("window")) if "window" in state else StepStats()
     last_log = time.perf_counter()
     final_metrics: dict[str, Any] = {}
+    bco_running = bco_running_delta(cfg)
 
     while state["step"] < steps:
         micro = []
@@ -553,7 +555,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
         global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
         stats = StepStats()
-        if bco_running_delta(cfg):
+        if bco_running:
             params = replace(params, bco_delta=state.get("bco_delta", 0.0))
         parts = [part for batch in micro for part in row_parts(batch, cfg, mode, accelerator)]
         for i, batch in enumerate(parts):
@@ -577,7 +579,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         step_metrics = finish_stats(stats, accelerator)
         step_metrics["grad_norm"] = grad_norm
         finite = math.isfinite(step_metrics["loss"]) and math.isfinite(grad_norm)
-        if bco_running_delta(cfg):
+        if bco_running:
             step_metrics["bco/delta"] = params.bco_delta
             if finite:
                 update_bco_delta(state, step_metrics["bco/reward_mean"])
