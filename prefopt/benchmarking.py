@@ -15,7 +15,8 @@ Counting conventions (the same ones ``benchmarks/bench_vs_trl.py`` uses for TRL)
   prefix sharing, padding excluded).
 * **model FLOPs** -- from the model's shapes, for the tokens computed: ``2 * N_body``
   per real token (every matrix of the decoder layers), ``2 * d * V`` per scored token
-  (the LM head runs on completion positions only), and ``4 * d_attn`` per attended
+  (the LM head runs on completion positions only), less the last layer's MLP where it is
+  skipped (:func:`prefopt.layers.trim_last_mlp`), and ``4 * d_attn`` per attended
   (query, key) pair per layer (``QK^T`` and ``AV``), read off the attention mask. A
   training step costs three forwards (forward + backward); a live reference adds one
   forward. Embedding lookups cost nothing.
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from prefopt.batching import PackedBatch, padded_token_count
+from prefopt.layers import trimmed_mlp
 
 # Dense (no sparsity) datasheet peaks in FLOP/s, SXM parts: {name fragment: {dtype: peak}}.
 GPU_PEAKS: dict[str, dict[torch.dtype, float]] = {
@@ -117,6 +119,7 @@ class ModelShape:
     attn_width: int       # heads * head_dim, the width of QK^T and AV
     total_params: int
     trainable_params: int
+    skipped_params: int = 0  # the last MLP's, when it runs on the head's rows only (prefopt.layers)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
@@ -131,9 +134,11 @@ class ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        mlp = trimmed_mlp(model)
         return cls(body_params=body, hidden=config.hidden_size, vocab=head.weight.shape[0],
                    layers=config.num_hidden_layers, attn_width=heads * head_dim, total_params=total,
-                   trainable_params=trainable)
+                   trainable_params=trainable,
+                   skipped_params=sum(p.numel() for p in mlp.parameters()) if mlp is not None else 0)
 
 
 def attended_pairs(batch: PackedBatch) -> int:
@@ -145,6 +150,7 @@ def forward_flops(shape: ModelShape, batch: PackedBatch) -> float:
     """Model FLOPs of one forward over ``batch`` (LM head on scored positions only)."""
     scored = int(batch.target_ids.numel())
     return (2.0 * shape.body_params * batch.real_tokens
+            - 2.0 * shape.skipped_params * (batch.real_tokens - int(batch.hidden_index.unique().numel()))
             + 2.0 * shape.hidden * shape.vocab * scored
             + 4.0 * shape.attn_width * shape.layers * attended_pairs(batch))
 

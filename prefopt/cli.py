@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prefopt.runtime import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates anything large
     logging.basicConfig(level=os.environ.get("PREFOPT_LOG", "INFO").upper(), format="%(levelname)s %(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

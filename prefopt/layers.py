@@ -125,3 +125,75 @@ def slim_activations(model: nn.Module) -> dict[str, int]:
                 module.forward = types.MethodType(_swiglu_forward, module)
                 counts["swiglu"] += 1
     return counts
+
+
+# --------------------------------------------------------------------------------------------
+# The last layer's MLP only where the LM head reads.
+#
+# The head reads the final hidden state at ``batch.hidden_index`` only: the last prompt token
+# and the completion tokens. Earlier layers must still run at every position (later positions
+# attend to their keys and values), but in the *last* layer a position's output feeds nothing
+# but the head, and the MLP works position by position. So the last MLP can run on the read
+# rows alone -- about a quarter of the benchmark's tokens are prompt tokens, and the MLP is two
+# thirds of a Llama layer's matrix work -- and every number the head sees is unchanged.
+# Unread rows get a zero MLP output; nothing downstream looks at them.
+
+
+def _rows_mlp_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    rows = self._prefopt_rows  # distinct flat row indices: a repeated one would double its gradient
+    if rows is None or args or kwargs:
+        return self._prefopt_full(x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    out = self._prefopt_full(flat.index_select(0, rows))
+    full = out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, rows, out)
+    return full.view(*x.shape[:-1], out.shape[-1])
+
+
+def _last_layer(model: nn.Module) -> nn.Module | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        layers = getattr(decoder, "h", None)  # GPT-2 style
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def trimmed_mlp(model: nn.Module) -> nn.Module | None:
+    """The last layer's MLP if :func:`trim_last_mlp` patched it, else None."""
+    layer = _last_layer(model)
+    mlp = getattr(layer, "mlp", None)
+    return mlp if mlp is not None and "_prefopt_full" in mlp.__dict__ else None
+
+
+def trim_last_mlp(model: nn.Module) -> bool:
+    """Let the last decoder layer's MLP run on the LM head's rows only (see above).
+
+    Patched only when the MLP is position-wise: a plain module (no experts or router, whose
+    load-balancing statistics span positions) whose output on a subset of rows matches its
+    output on all rows, checked on a random input. Call after :func:`slim_activations`.
+    """
+    layer = _last_layer(model)
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module) or "_prefopt_full" in mlp.__dict__:
+        return mlp is not None and "_prefopt_full" in mlp.__dict__
+    names = {n.split(".")[-1] for n, _ in mlp.named_modules()}
+    if names & {"experts", "router", "gate", "shared_expert"}:  # mixture-of-experts blocks
+        return False
+    p = next(mlp.parameters(), None)
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if p is None or not isinstance(width, int):
+        return False
+    x = torch.randn(2, 5, width, device=p.device, dtype=p.dtype)
+    rows = torch.tensor([1, 4, 7], device=p.device)
+    with torch.no_grad():
+        try:
+            full = mlp(x)
+            part = mlp(x.reshape(-1, width).index_select(0, rows))
+        except (RuntimeError, TypeError, ValueError):
+            return False
+    if not (isinstance(full, torch.Tensor) and isinstance(part, torch.Tensor) and full.shape[:-1] == x.shape[:-1]
+            and torch.allclose(full.reshape(-1, full.shape[-1]).index_select(0, rows), part, atol=1e-5, rtol=1e-4)):
+        return False
+    mlp._prefopt_full = mlp.forward          # the current forward (lean or original), bound
+    mlp._prefopt_rows = None
+    mlp.forward = types.MethodType(_rows_mlp_forward, mlp)
+    return True

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.batching import PackedBatch
+from prefopt.layers import trimmed_mlp
 
 
 @dataclass
@@ -66,16 +67,28 @@ def _layout_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
     return {"prefopt_segments": batch.segments} if _attn_impl(model) == SEGMENT_ATTENTION and batch.segments else {}
 
 
-def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Run the decoder stack (no LM head) and return the last hidden states ``[R, L, d]``."""
+def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, head_rows_only: bool = False) -> torch.Tensor:
+    """Run the decoder stack (no LM head) and return the last hidden states ``[R, L, d]``.
+
+    ``head_rows_only``: the caller reads only the rows ``batch.hidden_index``, so a last-layer
+    MLP patched by :func:`prefopt.layers.trim_last_mlp` may skip the others (their hidden
+    states come back wrong).
+    """
     decoder = model.get_decoder()
-    out = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
-        position_ids=batch.position_ids,
-        use_cache=False,
-        **_layout_kwargs(model, batch),
-    )
+    mlp = trimmed_mlp(model) if head_rows_only else None
+    if mlp is not None:  # unique: with prefix sharing each completion reads the prompt's last row
+        mlp._prefopt_rows = torch.unique(batch.hidden_index)
+    try:
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **_layout_kwargs(model, batch),
+        )
+    finally:
+        if mlp is not None:
+            mlp._prefopt_rows = None
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
@@ -95,30 +108,42 @@ class _HeadLogps(torch.autograd.Function):
 
     Autograd through ``gather - logsumexp`` allocates three ``[chunk, vocab]`` tensors in the
     backward (a zero-filled scatter target, the softmax, their sum); here one buffer holds the
-    recomputed logits and becomes ``g * (onehot - softmax)`` in place. Like the checkpointed
-    path it stores no ``[chunk, vocab]`` tensor between forward and backward: only the inputs
-    and the log-sum-exp. The head must be a plain bias-free linear layer.
+    logits, becomes ``exp(logits - max)`` in place, and in the backward ``g * (onehot - softmax)``.
+
+    Only the chunk computed last (``keep=True``) carries that buffer from its forward to its
+    backward, which autograd runs first, straight after the loss: at that moment no other
+    chunk's buffer exists, so keeping it costs no peak memory and saves recomputing the
+    chunk's logits (a ``[chunk, hidden] x [hidden, vocab]`` product). Every other chunk keeps
+    only its inputs and log-sum-exp and recomputes its logits in the backward. The head must
+    be a plain bias-free linear layer.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: bool) -> torch.Tensor:
         logits = F.linear(hidden, weight).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        top = logits.amax(-1, keepdim=True)
+        probs = logits.sub_(top).exp_()                 # in place: exp(logits - max)
+        total = probs.sum(-1, keepdim=True)
+        lse = (total.log() + top).squeeze(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        return token_logps
+        ctx.kept = (probs, total.squeeze(-1)) if keep else None  # softmax = probs / total, scaled in the backward
+        return picked - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
-        g = F.linear(hidden, weight).float()           # logits again, then d(loss)/d(logits) in place
-        g.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        kept, ctx.kept = ctx.kept, None                      # used up in place below
+        if kept is None:
+            g = F.linear(hidden, weight).float().sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        else:
+            g = kept[0].mul_((-grad / kept[1])[:, None])
         g.scatter_add_(-1, targets[:, None], grad[:, None])
         g = g.to(weight.dtype)
         grad_hidden = g @ weight if ctx.needs_input_grad[0] else None
         grad_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def _plain_head(head, config) -> bool:
@@ -178,7 +203,7 @@ def completion_logps(
         token_logps = logp[batch.hidden_index, batch.target_ids]
         log_sq = torch.logsumexp(2 * logp[batch.hidden_index], dim=-1) if with_wpo else None
     else:
-        hidden = decoder_hidden_states(model, batch)
+        hidden = decoder_hidden_states(model, batch, head_rows_only=True)
         picked = hidden.flatten(0, 1).index_select(0, batch.hidden_index)
         parts, sq_parts = [], []
         grad = torch.is_grad_enabled() and picked.requires_grad
@@ -188,7 +213,7 @@ def completion_logps(
             h = picked[start:start + chunk_size]
             t = batch.target_ids[start:start + chunk_size]
             if fused:
-                lp, sq = _HeadLogps.apply(h, head.weight, t), None
+                lp, sq = _HeadLogps.apply(h, head.weight, t, start + chunk_size >= picked.shape[0]), None
             elif grad:
                 lp, sq = checkpoint(_chunk_logps, head, config, h, t, with_wpo, use_reentrant=False)
             else:

@@ -9,6 +9,7 @@ metrics averaged over the window and across processes, and checkpoints atomicall
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,14 +26,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from safetensors import SafetensorError
-from transformers import get_scheduler
 
 from prefopt import checkpoint as ckpt
 from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
-from prefopt.layers import slim_activations
+from prefopt.layers import slim_activations, trim_last_mlp, trimmed_mlp
 from prefopt.logprobs import CompletionLogpsModel, SeqLogps, completion_logps
 from prefopt.losses import (
     LossOutput,
@@ -183,10 +183,13 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
                              block_attention=cfg.block_attention,
                              trust_remote_code=cfg.trust_remote_code) if separate else policy
         ref.to(accelerator.device)
+        if separate and cfg.trim_last_layer:
+            trim_last_mlp(ref)
         weights = hash_weights(ref)
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
         extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "full_head": cfg.full_lm_head,
+                 "trim_last_layer": trimmed_mlp(ref) is not None,
                  "attn": cfg.attn_implementation, "block_attention": cfg.block_attention}
         tables = []
         for examples in (data.train, data.eval):
@@ -212,6 +215,8 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
                          block_attention=cfg.block_attention,
                          trust_remote_code=cfg.trust_remote_code)
     ref.to(accelerator.device)
+    if cfg.trim_last_layer:
+        trim_last_mlp(ref)  # no backward through the reference: checkpointing and compile do not matter
     live = ModelReference(ref, score)
     return live, live
 
@@ -254,6 +259,31 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     # AdamW, a fraction of the memory traffic of the per-tensor loop (which is torch's CPU default).
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def lr_multiplier(kind: str, warmup: int, total: int, step: int) -> float:
+    """The learning-rate factor at ``step``: linear warmup from 0 over ``warmup`` steps, then
+    constant, linear decay to 0 at ``total``, or half a cosine to 0 at ``total``.
+
+    The same curves as transformers' ``get_scheduler`` (a test checks it), written out because
+    importing that function pulls in ``transformers.trainer_utils`` and with it all of peft
+    (about 2 s of imports on this machine) on every run, LoRA or not.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, (total - step) / span)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / span)))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_multiplier, cfg.lr_scheduler, warmup, total))
 
 
 def epoch_order(n: int, epoch: int, cfg: TrainConfig) -> list[int]:
@@ -486,6 +516,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     policy.to(accelerator.device)
     if cfg.lean_activations and accelerator.distributed_type not in SHARDING_ENGINES:
         slim_activations(policy)  # ZeRO-3/FSDP gather weights in sub-module hooks: keep their forwards there
+    if cfg.trim_last_layer and not (cfg.gradient_checkpointing or cfg.compile) \
+            and accelerator.distributed_type not in SHARDING_ENGINES:
+        trim_last_mlp(policy)  # checkpointing would recompute the layer without the row list
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
     ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
     if cfg.lora_r > 0 and not adapter:
@@ -508,8 +541,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     policy = CompletionLogpsModel(model, cfg.lm_head_chunk_size, cfg.full_lm_head)
     optimizer = build_optimizer(cfg, policy)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    scheduler = build_scheduler(cfg, optimizer, warmup, steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("prefopt", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))

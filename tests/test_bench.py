@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefopt.batching import collate, padded_token_count
+from prefopt.layers import trim_last_mlp
 from prefopt.benchmarking import BenchHooks, ModelShape, attended_pairs, forward_flops, summarize
 from prefopt.cli import build_parser, main
 from prefopt.data.tokenize import TokenizedExample
@@ -95,6 +96,14 @@ def test_flop_count_follows_the_layout(tiny_model_dir):
     plain = collate(examples, pad_token_id=0, prefix_sharing=False, packing=False)
     assert plain.real_tokens == sum(padded_token_count(e) for e in examples)
     assert forward_flops(shape, plain) > forward_flops(shape, shared)
+    # the last MLP on the head's rows only: prompt rows but the last one (read by every completion) skip it
+    assert trim_last_mlp(model)
+    trimmed = ModelShape.of(model)
+    mlp_params = 3 * cfg.hidden_size * cfg.intermediate_size
+    assert trimmed.skipped_params == mlp_params
+    unread = (5 - 1) + (2 - 1) + 2 * 2  # each prompt's rows but its last; each completion's last token
+    assert shared.real_tokens - shared.hidden_index.unique().numel() == unread
+    assert forward_flops(trimmed, shared) == forward_flops(shape, shared) - 2 * mlp_params * unread
 
 
 def test_summary_uses_steady_state_and_counts_padded_tokens(tiny_model_dir):

@@ -82,17 +82,23 @@ def test_lora_added_after_patching_still_trains_the_adapters():
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_logps_backward_matches_autograd(dtype):
+def test_head_logps_backward_matches_autograd(dtype, keep):
+    """Both backward paths: the kept softmax (last chunk) and the recomputed logits (others)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(23, 16, generator=g).to(dtype).requires_grad_()
     w = torch.randn(41, 16, generator=g).to(dtype).requires_grad_()
     t = torch.randint(0, 41, (23,), generator=g)
     up = torch.randn(23, generator=g)
-    got = _HeadLogps.apply(h, w, t)
+    got = _HeadLogps.apply(h, w, t, keep)
     want = torch.nn.functional.linear(h, w).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
     assert torch.allclose(got, want, atol=1e-5)
-    g_got = torch.autograd.grad((got * up).sum(), (h, w))
+    g_got = torch.autograd.grad((got * up).sum(), (h, w), retain_graph=True)
+    again = torch.autograd.grad((got * up).sum(), (h, w))  # the kept softmax is used up: recomputed now
+    assert all(torch.equal(a, b) for a, b in zip(g_got, again)) or keep
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+               for a, b in zip(g_got, again))
     g_want = torch.autograd.grad((want * up).sum(), (h, w))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(g_got, g_want):
@@ -116,7 +122,15 @@ def test_head_chunks_shrink_for_large_vocabularies(monkeypatch):
     sizes = []
     real = lp._HeadLogps.apply
     monkeypatch.setattr(lp, "HEAD_CHUNK_ELEMENTS", 97 * 20)  # as if the vocabulary were huge: 20 tokens a chunk
-    monkeypatch.setattr(lp._HeadLogps, "apply", lambda h, w, t: sizes.append(h.shape[0]) or real(h, w, t))
+    kept = []
+    monkeypatch.setattr(lp._HeadLogps, "apply",
+                        lambda h, w, t, keep: sizes.append(h.shape[0]) or kept.append(keep) or real(h, w, t, keep))
     got = lp.completion_logps(model, batch, chunk_size=4096).logps
     assert max(sizes) == 20 and len(sizes) > 1 and sum(sizes) == batch.target_ids.numel()
+    assert kept == [False] * (len(sizes) - 1) + [True]  # only the last chunk's softmax outlives its forward
     assert torch.allclose(got, want, atol=1e-5)
+    grads = torch.autograd.grad(got.sum(), list(model.parameters()))
+    monkeypatch.undo()
+    for a, b in zip(grads, torch.autograd.grad(lp.completion_logps(model, batch, chunk_size=4096).logps.sum(),
+                                               list(model.parameters()))):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

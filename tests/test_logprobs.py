@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import prefopt.attention as attention
 from prefopt.batching import collate, padded_token_count
-from prefopt.layers import slim_activations
+from prefopt.layers import slim_activations, trim_last_mlp, trimmed_mlp
 from prefopt.logprobs import completion_logps
 
 VOCAB = 97
@@ -71,6 +71,7 @@ def naive_logps(model, exs) -> torch.Tensor:
 @pytest.mark.parametrize("prefix_sharing,packing", [(True, True), (True, False), (False, True), (False, False)])
 def test_packed_equals_naive(arch, attn, prefix_sharing, packing, monkeypatch):
     model = make_model(arch, attn)
+    assert trim_last_mlp(model)  # the last MLP runs on the head's rows only (the naive forward: on all)
     exs = examples()
     batch = collate(exs, pad_token_id=0, prefix_sharing=prefix_sharing, packing=packing)
     calls = []
@@ -105,11 +106,44 @@ def test_gradients_match_full_head(arch):
         model = make_model(arch, "sdpa" if full else attention.NAME).train()
         if not full:
             assert slim_activations(model) == {"rmsnorm": 5, "swiglu": 2}
+            assert trim_last_mlp(model)
         lp = completion_logps(model, batch, chunk_size=5, full_head=full).logps
         (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trimmed_last_mlp_sees_only_the_heads_rows(arch):
+    model = make_model(arch, attention.NAME)
+    exs = examples()
+    batch = collate(exs, pad_token_id=0)
+    with torch.no_grad():
+        want = completion_logps(model, batch).logps
+        assert trim_last_mlp(model) and trim_last_mlp(model)  # patching twice is a no-op
+        mlp = trimmed_mlp(model)
+        seen = []
+        full = mlp._prefopt_full
+        mlp._prefopt_full = lambda x: seen.append(x.shape[:-1].numel()) or full(x)
+        got = completion_logps(model, batch).logps
+        read = batch.hidden_index.unique().numel()  # a prompt's last row serves each completion
+        assert seen == [read] and read < batch.target_ids.numel() < batch.real_tokens
+        assert mlp._prefopt_rows is None  # reset after the call: a plain forward is whole again
+        seen.clear()
+        ids = torch.tensor([exs[0].prompt_ids + exs[0].completions[0]])
+        model(ids)
+        assert seen == [ids.numel()]
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_mixture_of_experts_mlp_is_not_trimmed():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             num_local_experts=4, num_experts_per_tok=2))
+    assert not trim_last_mlp(model) and trimmed_mlp(model) is None
 
 
 def test_prefix_sharing_and_packing_shrink_the_batch():

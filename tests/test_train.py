@@ -128,8 +128,10 @@ def test_no_shuffle_float32_equals_a_plain_loop(tiny_model_dir, pref_files, tmp_
                   learning_rate=1e-3, max_grad_norm=0.5, save_steps=None, eval_data=None))
     ours = load_file(str(out / "final" / "model.safetensors"))
     theirs = naive_dpo(tiny_model_dir, pref_files[0], steps=3, batch=8, lr=1e-3, beta=0.1, clip=0.5)
+    # Matrix products over different row sets (packing, the last MLP on the head's rows only) round
+    # differently in float32; AdamW's normalised update turns that into ~1e-3 of lr on near-zero gradients.
     for k, v in ours.items():
-        assert torch.allclose(v, theirs[k], atol=2e-6), k
+        assert torch.allclose(v, theirs[k], atol=5e-6), (k, (v - theirs[k]).abs().max().item())
 
 
 def test_yaml_config_flags_win_and_unknown_keys_are_named(tmp_path):
@@ -208,6 +210,31 @@ def test_weight_decay_spares_biases_and_norms():
     assert any(n.endswith("norm.weight") for n in (names[id(p)] for p in spared["params"]))
     assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
     assert param_groups(model, 0.0)[0]["weight_decay"] == 0.0 and len(param_groups(model, 0.0)) == 1
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (10, 10), (4, 37)])
+def test_lr_schedule_matches_transformers(kind, warmup, total):
+    from transformers import get_scheduler
+
+    from prefopt.config import TrainConfig
+    from prefopt.train import build_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt)
+        out = []
+        for _ in range(total + 2):  # a step past the end too: the decay stays at 0
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda opt: build_scheduler(TrainConfig(model="m", data="d", lr_scheduler=kind), opt, warmup, total))
+    name = "constant_with_warmup" if kind == "constant" else kind
+    theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[0] == (0.0 if warmup else 0.5)
 
 
 def test_bco_delta_is_the_running_mean_of_rewards_and_survives_a_resume(tiny_model_dir, pref_files, tmp_path,

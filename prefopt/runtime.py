@@ -1,0 +1,40 @@
+"""Process-wide settings that make CPU training faster without changing any number."""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Let glibc's malloc reuse freed blocks instead of handing them back to the kernel.
+
+    A training step allocates and frees the same large tensors over and over (activations,
+    an embedding-sized gradient per row, LM-head chunks). By default glibc serves blocks of a
+    few MiB and up with ``mmap`` and unmaps them on ``free``, so every step faults the same
+    memory in again and the kernel zeroes each page first: ~27 ms to fill one fresh
+    8192 x 512 float32 gradient against ~3 ms for a reused one, 5-10 % of a CPU step in
+    all. Serving blocks below ``mmap_threshold`` from the heap, and trimming its top only when
+    ``trim_threshold`` bytes are free there, keeps that memory mapped. Peak RSS is
+    unchanged (the peak is what the heap has to hold anyway; benchmarks/ shows both).
+
+    Skipped (returns False) off glibc, or when the user set malloc's own knobs
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) or
+    ``PREFOPT_MALLOC=system``.
+    """
+    if sys.platform != "linux" or os.environ.get("PREFOPT_MALLOC", "").lower() == "system":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) or \
+            "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
