@@ -48,6 +48,7 @@ ABLATIONS = [
     ("full LM head", ["--full-lm-head"]),
     ("no block attention", ["--no-block-attention"]),
     ("no lean activations", ["--no-lean-activations"]),
+    ("last MLP on every row", ["--no-trim-last-layer"]),
 ]
 
 

@@ -148,6 +148,14 @@ def test_yaml_config_flags_win_and_unknown_keys_are_named(tmp_path):
         build_config({}, str(path))
 
 
+def test_default_prompt_budget_follows_a_short_max_length():
+    cfg, _ = build_config({"max_length": 512})
+    assert cfg.max_prompt_length == 256
+    assert build_config({"max_length": 2048})[0].max_prompt_length == 512  # the default where it fits
+    with pytest.raises(ConfigError, match="max-prompt-length"):  # given explicitly, it is checked
+        build_config({"max_length": 512, "max_prompt_length": 512})
+
+
 def test_resolved_config_reloads(tiny_model_dir, pref_files, tmp_path, cache_dir):
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--output-dir", str(out),

@@ -72,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> int:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         settings = {k: getattr(cfg, k) for k in (
             "model", "data", "loss_type", "beta", "batch_size", "grad_accum", "max_length", "learning_rate",
-            "dtype", "ref_cache", "prefix_sharing", "packing", "block_attention", "lean_activations",
+            "dtype", "ref_cache", "prefix_sharing", "packing", "block_attention", "lean_activations", "trim_last_layer",
             "full_lm_head", "lm_head_chunk_size", "gradient_checkpointing", "compile", "lora_r", "shuffle", "seed")}
         settings["num_threads"] = torch.get_num_threads()
         settings["torch"] = torch.__version__
