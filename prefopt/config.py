@@ -55,8 +55,8 @@ class TrainConfig:
     chosen_field: str = opt("chosen", "name of the chosen-completion field", group="data")
     rejected_field: str = opt("rejected", "name of the rejected-completion field", group="data")
     max_length: int = opt(1024, "max tokens of prompt + one completion", group="data")
-    max_prompt_length: int | None = opt(512, "max prompt tokens (the prompt keeps its end); "
-                                                "default 512, or half of --max-length when that is 512 or less", group="data")
+    max_prompt_length: int | None = opt(512, "max prompt tokens (the prompt keeps its end); default 512, "
+                                        "or half of --max-length when that is 512 or less", group="data")
     on_invalid: str = opt("error", "invalid rows: stop before training, or skip them and write them to "
                           "OUTPUT_DIR/rejected_rows.jsonl", ("error", "skip"), group="data")
     # output
