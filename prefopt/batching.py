@@ -61,6 +61,15 @@ class PackedBatch:
     def num_examples(self) -> int:
         return int(self.example_index.numel())
 
+    @property
+    def head_rows(self) -> torch.Tensor:
+        """The distinct flat positions whose final hidden state the LM head reads.
+
+        ``hidden_index`` repeats a prompt's last position once per completion (prefix sharing);
+        code that works per position, not per read, needs each position once.
+        """
+        return torch.unique(self.hidden_index)
+
     def to(self, device: torch.device | str) -> "PackedBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return PackedBatch(**moved)

@@ -150,7 +150,7 @@ def forward_flops(shape: ModelShape, batch: PackedBatch) -> float:
     """Model FLOPs of one forward over ``batch`` (LM head on scored positions only)."""
     scored = int(batch.target_ids.numel())
     return (2.0 * shape.body_params * batch.real_tokens
-            - 2.0 * shape.skipped_params * (batch.real_tokens - int(batch.hidden_index.unique().numel()))
+            - 2.0 * shape.skipped_params * (batch.real_tokens - int(batch.head_rows.numel()))
             + 2.0 * shape.hidden * shape.vocab * scored
             + 4.0 * shape.attn_width * shape.layers * attended_pairs(batch))
 

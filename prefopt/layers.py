@@ -140,7 +140,7 @@ def slim_activations(model: nn.Module) -> dict[str, int]:
 
 
 def _rows_mlp_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    rows = self._prefopt_rows  # distinct flat row indices: a repeated one would double its gradient
+    rows = self._prefopt_rows  # PackedBatch.head_rows: distinct, since a repeated row would double its gradient
     if rows is None or args or kwargs:
         return self._prefopt_full(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
@@ -171,10 +171,11 @@ def trim_last_mlp(model: nn.Module) -> bool:
     load-balancing statistics span positions) whose output on a subset of rows matches its
     output on all rows, checked on a random input. Call after :func:`slim_activations`.
     """
-    layer = _last_layer(model)
-    mlp = getattr(layer, "mlp", None)
-    if not isinstance(mlp, nn.Module) or "_prefopt_full" in mlp.__dict__:
-        return mlp is not None and "_prefopt_full" in mlp.__dict__
+    if trimmed_mlp(model) is not None:
+        return True
+    mlp = getattr(_last_layer(model), "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        return False
     names = {n.split(".")[-1] for n, _ in mlp.named_modules()}
     if names & {"experts", "router", "gate", "shared_expert"}:  # mixture-of-experts blocks
         return False

@@ -76,8 +76,8 @@ def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, head_ro
     """
     decoder = model.get_decoder()
     mlp = trimmed_mlp(model) if head_rows_only else None
-    if mlp is not None:  # unique: with prefix sharing each completion reads the prompt's last row
-        mlp._prefopt_rows = torch.unique(batch.hidden_index)
+    if mlp is not None:
+        mlp._prefopt_rows = batch.head_rows
     try:
         out = decoder(
             input_ids=batch.input_ids,
