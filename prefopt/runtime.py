@@ -15,11 +15,12 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 
     A training step allocates and frees the same large tensors over and over (activations,
     an embedding-sized gradient per row, LM-head chunks). By default glibc serves blocks of a
     few MiB and up with ``mmap`` and unmaps them on ``free``, so every step faults the same
-    memory in again and the kernel zeroes each page first: ~27 ms to fill one fresh
-    8192 x 512 float32 gradient against ~3 ms for a reused one, 5-10 % of a CPU step in
-    all. Serving blocks below ``mmap_threshold`` from the heap, and trimming its top only when
-    ``trim_threshold`` bytes are free there, keeps that memory mapped. Peak RSS is
-    unchanged (the peak is what the heap has to hold anyway; benchmarks/ shows both).
+    memory in again and the kernel zeroes each page first (alone, a fresh 8192 x 512 float32
+    zero-fill takes ~3.5 ms here, a reused one ~0.3 ms). Serving blocks below
+    ``mmap_threshold`` from the heap, and trimming its top only when ``trim_threshold`` bytes
+    are free there, keeps that memory mapped. Measured on the benchmark's 200 pairs
+    (``docs/benchmarks.md``): system time roughly halved, wall time and peak RSS unchanged
+    within the machine's noise.
 
     Skipped (returns False) off glibc, or when the user set malloc's own knobs
     (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) or
