@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefopt.runtime import keep_freed_memory
+    from prefopt.runtime import keep_freed_memory, malloc_for_blas_buffers
 
     keep_freed_memory()  # before torch allocates anything large
+    malloc_for_blas_buffers()  # before MKL's first allocation
     logging.basicConfig(level=os.environ.get("PREFOPT_LOG", "INFO").upper(), format="%(levelname)s %(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

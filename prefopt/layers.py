@@ -18,7 +18,9 @@ so the trainer does not patch under them.
 """
 from __future__ import annotations
 
+import contextlib
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,10 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        out = weight * (xf * rstd).to(x.dtype)
+        if _norm_outputs is not None:
+            _norm_outputs[id(out)] = (weakref.ref(out), _Recipe(x, weight, rstd, x._version))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -125,6 +130,70 @@ def slim_activations(model: nn.Module) -> dict[str, int]:
                 module.forward = types.MethodType(_swiglu_forward, module)
                 counts["swiglu"] += 1
     return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Norm outputs rebuilt, not kept.
+#
+# A Llama block's two norm outputs are each kept for a backward that comes later: the input
+# norm's by the q/k/v projections (for their weight gradients), the MLP norm's by the MLP. Both
+# are one element-wise pass away from what the norm itself keeps (its input and ``1/rms``), so
+# inside :func:`rebuild_norm_outputs` a saved-tensor hook stores a recipe instead and the
+# backward rebuilds the tensor with the forward's own arithmetic (bit-identical). That is two
+# of about fifteen hidden-width tensors kept per token and layer. The hook only touches
+# tensors made by a patched norm (or views of them) in the current block; all else passes.
+
+_norm_outputs: dict[int, tuple] | None = None  # id(output) -> (weakref(output), _Recipe)
+
+
+class _Recipe:
+    """What one norm output is made of. Its consumers (q, k and v share one) unpack it in turn
+    during the backward; the first rebuilds it and the last lets it go."""
+
+    __slots__ = ("x", "weight", "rstd", "version", "pending", "built")
+
+    def __init__(self, x, weight, rstd, version):
+        self.x, self.weight, self.rstd, self.version = x, weight, rstd, version
+        self.pending, self.built = 0, None
+
+    def take(self, view) -> torch.Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError("a normalisation layer's input was modified in place after the forward; "
+                               "its output cannot be rebuilt for the backward (train with --no-lean-activations)")
+        out = self.built
+        if out is None:
+            out = self.weight * (self.x.to(torch.float32) * self.rstd).to(self.x.dtype)  # the forward's arithmetic
+        self.pending -= 1
+        self.built = out if self.pending > 0 else None
+        return out if view is None else out.as_strided(*view)
+
+
+def _pack(t: torch.Tensor):
+    if _norm_outputs is None:
+        return t
+    for base in (t, t._base):
+        entry = _norm_outputs.get(id(base)) if base is not None else None
+        if entry is not None and entry[0]() is base:
+            recipe = entry[1]
+            recipe.pending += 1
+            return recipe, None if base is t else (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
+    return t
+
+
+def _unpack(saved):
+    return saved[0].take(saved[1]) if isinstance(saved, tuple) else saved
+
+
+@contextlib.contextmanager
+def rebuild_norm_outputs():
+    """Within this block, tensors output by patched norms are rebuilt for the backward, not kept."""
+    global _norm_outputs
+    previous, _norm_outputs = _norm_outputs, {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _norm_outputs = previous
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -195,3 +196,15 @@ def test_row_split_changes_no_number_and_drops_padding(tiny_model_dir):
     assert torch.allclose(split_losses[order], whole_losses, atol=1e-6)
     for name, g in whole.items():
         assert torch.allclose(split[name], g, atol=1e-6, rtol=1e-5), name
+
+
+def test_blas_buffers_from_malloc_unless_the_user_chose(monkeypatch):
+    from prefopt.runtime import malloc_for_blas_buffers
+
+    monkeypatch.delenv("MKL_DISABLE_FAST_MM", raising=False)
+    monkeypatch.setenv("PREFOPT_MALLOC", "system")
+    assert not malloc_for_blas_buffers() and "MKL_DISABLE_FAST_MM" not in os.environ
+    monkeypatch.delenv("PREFOPT_MALLOC")
+    assert malloc_for_blas_buffers() and os.environ["MKL_DISABLE_FAST_MM"] == "1"
+    monkeypatch.setenv("MKL_DISABLE_FAST_MM", "0")
+    assert not malloc_for_blas_buffers() and os.environ["MKL_DISABLE_FAST_MM"] == "0"

@@ -1,13 +1,15 @@
 """Lean activations (prefopt.layers): bit-identical forwards, autograd's gradients, fewer saved bytes."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from prefopt.layers import slim_activations
+from prefopt.layers import rebuild_norm_outputs, slim_activations
 from prefopt.logprobs import _HeadLogps
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -53,6 +55,45 @@ def test_same_forward_same_gradients_less_saved(cls, cfg_cls, expect):
     g_got = torch.autograd.grad((got * w).sum(), list(lean.parameters()))
     for (name, _), a, b in zip(model.named_parameters(), g_got, g_want):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name  # float32 rounding, summed differently
+
+
+@pytest.mark.parametrize("cls,cfg_cls", [(LlamaForCausalLM, LlamaConfig), (Qwen3ForCausalLM, Qwen3Config)])
+def test_rebuilt_norm_outputs_free_the_outputs_and_give_identical_gradients(cls, cfg_cls):
+    """Inside rebuild_norm_outputs the graph keeps recipes, not the norms' outputs; gradients are bit-identical."""
+    model = build(cls, cfg_cls)
+    slim_activations(model)
+    norms = [m for n, m in model.named_modules() if n.endswith("layernorm")]  # input_ and post_attention_
+    assert len(norms) == 2 * SMALL["num_hidden_layers"]
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
+
+    def run(rebuild: bool):
+        outs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(weakref.ref(o))) for m in norms]
+        with rebuild_norm_outputs() if rebuild else contextlib.nullcontext():
+            logits = model(ids).logits
+        for h in hooks:
+            h.remove()
+        alive = sum(r() is not None for r in outs)
+        grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+        return alive, grads
+
+    kept, want = run(False)
+    freed, got = run(True)
+    assert kept == len(norms) and freed == 0
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert torch.equal(a, b), name
+
+
+def test_rebuilding_a_norm_output_refuses_an_input_changed_in_place():
+    model = build(LlamaForCausalLM, LlamaConfig)
+    slim_activations(model)
+    norm, proj = model.model.layers[0].input_layernorm, model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 5, SMALL["hidden_size"], requires_grad=True) * 1.0
+    with rebuild_norm_outputs():
+        y = proj(norm(x))
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
 
 
 def test_modules_with_other_arithmetic_are_left_alone():

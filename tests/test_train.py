@@ -220,6 +220,62 @@ def test_weight_decay_spares_biases_and_norms():
     assert param_groups(model, 0.0)[0]["weight_decay"] == 0.0 and len(param_groups(model, 0.0)) == 1
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_flat_adamw_state_changes_no_number(fused, amsgrad, tmp_path):
+    """Pre-made moment buffers in one block: the same updates and state as torch's lazy AdamW, also after a load."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from prefopt.train import flat_adamw_state, param_groups
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=32))
+    models = [model, copy.deepcopy(model), copy.deepcopy(model)]
+
+    def make(m):
+        groups = param_groups(m, 0.1)
+        groups[1]["amsgrad"] = amsgrad  # per-group options differ: the block holds each group's buffers
+        return torch.optim.AdamW(groups, lr=1e-2, fused=fused)
+
+    flat, plain, loaded = (make(m) for m in models)
+    assert flat_adamw_state(flat) == len(list(model.parameters()))
+    storages = {t.untyped_storage().data_ptr() for st in flat.state.values() for k, t in st.items() if k != "step"}
+    assert len(storages) == 1
+
+    def step(opts, seed):
+        for opt in opts:
+            torch.manual_seed(seed)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.grad = torch.randn_like(p)
+            opt.step()
+
+    for seed in range(3):
+        step([flat, plain], seed)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    sa, sb = flat.state_dict(), plain.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+        for k in sa["state"][i]:
+            x, y = sa["state"][i][k], sb["state"][i][k]
+            assert (x.dtype, x.device, x.shape) == (y.dtype, y.device, y.shape) and torch.equal(x, y), (i, k)
+
+    # a checkpoint of the flat state loads (weights_only) and, copied back into a block, continues identically
+    torch.save(sa, tmp_path / "opt.pt")
+    models[2].load_state_dict(models[0].state_dict())
+    loaded.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert flat_adamw_state(loaded) == len(list(model.parameters()))
+    step([loaded, plain], 7)
+    for a, b in zip(models[2].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert flat_adamw_state(torch.optim.RMSprop(model.parameters())) == 0
+
+
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
 @pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (10, 10), (4, 37)])
 def test_lr_schedule_matches_transformers(kind, warmup, total):
