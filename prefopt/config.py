@@ -112,7 +112,8 @@ class TrainConfig:
                                group="speed")
     packing: bool = opt(True, "pack several pairs into one row instead of padding", group="speed")
     lean_activations: bool = opt(True, "keep fewer activations for the backward: RMSNorm and SwiGLU MLPs recompute "
-                                 "their element-wise intermediates (bit-identical forward)", group="speed")
+                                 "their element-wise intermediates, norm outputs are rebuilt in the backward "
+                                 "(bit-identical)", group="speed")
     trim_last_layer: bool = opt(True, "run the last layer's MLP only at the positions the LM head reads "
                                 "(off under --gradient-checkpointing and --compile)", group="speed")
     block_attention: bool = opt(True, "attention per segment, skipping the blocks the mask hides "

@@ -7,7 +7,9 @@ one cheap element-wise op away from tensors that are kept anyway. The two functi
 keep only what cannot be recomputed for free -- the MLP's input, ``gate`` and ``up``; the
 norm's input and ``1/rms`` -- and rebuild the rest in the backward. No matrix product is
 recomputed, so the cost is a few element-wise passes; on the 27M-parameter benchmark model
-this removes about a third of the saved activations (``docs/benchmarks.md``).
+this removes about a third of the saved activations (``docs/benchmarks.md``). In training,
+:func:`rebuild_norm_outputs` goes one step further: the norms' outputs, which the next
+layers keep, are rebuilt from what the norm keeps.
 
 The forward computes exactly what the transformers modules compute, op for op, so outputs
 are bit-identical. :func:`slim_activations` patches a module only after checking that on a
@@ -37,7 +39,7 @@ class _RMSNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rstd)
         out = weight * (xf * rstd).to(x.dtype)
         if _norm_outputs is not None:
-            _norm_outputs[id(out)] = (weakref.ref(out), _Recipe(x, weight, rstd, x._version))
+            _norm_outputs[id(out)] = (weakref.ref(out), _Recipe(x, weight, rstd, x._version), out._version)
         return out
 
     @staticmethod
@@ -143,7 +145,7 @@ def slim_activations(model: nn.Module) -> dict[str, int]:
 # of about fifteen hidden-width tensors kept per token and layer. The hook only touches
 # tensors made by a patched norm (or views of them) in the current block; all else passes.
 
-_norm_outputs: dict[int, tuple] | None = None  # id(output) -> (weakref(output), _Recipe)
+_norm_outputs: dict[int, tuple] | None = None  # id(output) -> (weakref(output), _Recipe, output's version)
 
 
 class _Recipe:
@@ -173,7 +175,7 @@ def _pack(t: torch.Tensor):
         return t
     for base in (t, t._base):
         entry = _norm_outputs.get(id(base)) if base is not None else None
-        if entry is not None and entry[0]() is base:
+        if entry is not None and entry[0]() is base and base._version == entry[2]:  # not changed in place since
             recipe = entry[1]
             recipe.pending += 1
             return recipe, None if base is t else (t.size(), t.stride(), t.storage_offset() - base.storage_offset())

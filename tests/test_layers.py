@@ -95,6 +95,17 @@ def test_rebuilding_a_norm_output_refuses_an_input_changed_in_place():
     with pytest.raises(RuntimeError, match="modified in place"):
         y.sum().backward()
 
+    # an output changed in place before it is saved is kept as it is, not rebuilt from its recipe
+    x = torch.randn(1, 5, SMALL["hidden_size"])
+    grads = []
+    for rebuild in (False, True):
+        with rebuild_norm_outputs() if rebuild else contextlib.nullcontext():
+            h = norm(x)
+            h.mul_(3)
+            y = proj(h)
+        grads.append(torch.autograd.grad(y.square().sum(), proj.weight)[0])
+    assert torch.equal(grads[0], grads[1])
+
 
 def test_modules_with_other_arithmetic_are_left_alone():
     """Gemma's norm scales by (1 + weight) and its MLP uses GELU: neither matches, neither is patched."""
