@@ -29,6 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _scaled(xf: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm's output from its float32 input and ``1/rms``: one definition for the forward and
+    the rebuild in :func:`rebuild_norm_outputs`, so the two are bit-identical by construction."""
+    return weight * (xf * rstd).to(dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x / rms(x))``, saving ``x`` and ``1/rms`` only."""
 
@@ -37,7 +43,7 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        out = weight * (xf * rstd).to(x.dtype)
+        out = _scaled(xf, weight, rstd, x.dtype)
         if _norm_outputs is not None:
             _norm_outputs[id(out)] = (weakref.ref(out), _Recipe(x, weight, rstd, x._version), out._version)
         return out
@@ -164,7 +170,7 @@ class _Recipe:
                                "its output cannot be rebuilt for the backward (train with --no-lean-activations)")
         out = self.built
         if out is None:
-            out = self.weight * (self.x.to(torch.float32) * self.rstd).to(self.x.dtype)  # the forward's arithmetic
+            out = _scaled(self.x.to(torch.float32), self.weight, self.rstd, self.x.dtype)
         self.pending -= 1
         self.built = out if self.pending > 0 else None
         return out if view is None else out.as_strided(*view)

@@ -168,6 +168,17 @@ def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: Train
     return map(_collate_fn(examples, pad_id, cfg), _chunks(order, batch_size))
 
 
+def _load_reference(cfg: TrainConfig, name: str, device) -> torch.nn.Module:
+    """A separate frozen reference model, its last MLP trimmed (no backward runs through it, so
+    checkpointing and compile do not matter here)."""
+    ref = load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                         block_attention=cfg.block_attention, trust_remote_code=cfg.trust_remote_code)
+    ref.to(device)
+    if cfg.trim_last_layer:
+        trim_last_mlp(ref)
+    return ref
+
+
 def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int,
                     explicit: set[str] = frozenset()):
     """Return (train_reference, eval_reference) or (None, None) for reference-free training."""
@@ -179,12 +190,7 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
     score = _score_fn(cfg, num_completions)
     separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
     if cfg.ref_cache and cfg.ref_sync == "none":
-        ref = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                             block_attention=cfg.block_attention,
-                             trust_remote_code=cfg.trust_remote_code) if separate else policy
-        ref.to(accelerator.device)
-        if separate and cfg.trim_last_layer:
-            trim_last_mlp(ref)
+        ref = _load_reference(cfg, cfg.ref_model, accelerator.device) if separate else policy
         weights = hash_weights(ref)
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
@@ -211,13 +217,7 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
     if cfg.lora_r > 0 and not separate:
         live = AdapterDisabledReference(policy, score)
         return live, live
-    ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                         block_attention=cfg.block_attention,
-                         trust_remote_code=cfg.trust_remote_code)
-    ref.to(accelerator.device)
-    if cfg.trim_last_layer:
-        trim_last_mlp(ref)  # no backward through the reference: checkpointing and compile do not matter
-    live = ModelReference(ref, score)
+    live = ModelReference(_load_reference(cfg, cfg.ref_model or cfg.model, accelerator.device), score)
     return live, live
 
 
@@ -556,10 +556,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
                               "which needs the reference cache: drop --no-ref-cache or give --ref-model")
         policy = load_adapter_model(policy, cfg.model, trainable=True)
     policy.to(accelerator.device)
-    if cfg.lean_activations and accelerator.distributed_type not in SHARDING_ENGINES:
+    sharded = accelerator.distributed_type in SHARDING_ENGINES  # they gather weights and own the optimizer state
+    recomputing = cfg.gradient_checkpointing or cfg.compile  # they bring their own saved-tensor handling
+    if cfg.lean_activations and not sharded:
         slim_activations(policy)  # ZeRO-3/FSDP gather weights in sub-module hooks: keep their forwards there
-    if cfg.trim_last_layer and not (cfg.gradient_checkpointing or cfg.compile) \
-            and accelerator.distributed_type not in SHARDING_ENGINES:
+    if cfg.trim_last_layer and not (recomputing or sharded):
         trim_last_mlp(policy)  # checkpointing would recompute the layer without the row list
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
     ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
@@ -585,8 +586,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = build_scheduler(cfg, optimizer, warmup, steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    flat_state = accelerator.distributed_type not in SHARDING_ENGINES  # those engines own the optimizer state
-    if flat_state:
+    if not sharded:
         flat_adamw_state(getattr(optimizer, "optimizer", optimizer))
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("prefopt", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -605,7 +605,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
             raise CheckpointError(f"--resume {path}: cannot load this checkpoint ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if flat_state:
+        if not sharded:
             flat_adamw_state(getattr(optimizer, "optimizer", optimizer))  # the loaded state, back in one block
         state.update(ckpt.read_state(path))
         _truncate_metrics(metrics_path, state["step"], accelerator)
@@ -625,8 +625,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     last_log = time.perf_counter()
     final_metrics: dict[str, Any] = {}
     bco_running = bco_running_delta(cfg)
-    # checkpointing and torch.compile bring saved-tensor handling of their own
-    rebuild_norms = cfg.lean_activations and not (cfg.gradient_checkpointing or cfg.compile)
+    rebuild_norms = cfg.lean_activations and not recomputing
 
     while state["step"] < steps:
         micro = []
