@@ -21,8 +21,11 @@ float rounding; ``tests/test_attention.py`` checks values and gradients.
 It is registered with transformers as the attention implementation ``prefopt_sdpa``.
 The segment layout travels as the keyword argument ``prefopt_segments`` that
 transformers' decoders pass through to their attention function; without it (generation,
-a model that does not pass keyword arguments down, sliding windows, dropout) the call
-goes to transformers' own SDPA function unchanged.
+a model that does not pass keyword arguments down, soft-capping, dropout) the call goes to
+transformers' own SDPA function unchanged. A sliding window (the ``sliding_window`` keyword
+that transformers' decoders pass for such layers) is honoured in each block, counted in the
+sequence's own positions; whether a model passes it is not assumed but proven, like every
+fast path, by :mod:`prefopt.fastpath`.
 """
 from __future__ import annotations
 
@@ -41,21 +44,39 @@ def _sdpa_fallback():
     return sdpa_attention_forward
 
 
-def _completion_mask(prompt: int, before: int, length: int, device: torch.device) -> torch.Tensor:
-    """[length, prompt + before + length] bool: the prompt, not the ``before`` tokens, itself causally."""
+def _completion_mask(prompt: int, before: int, length: int, device: torch.device,
+                     window: int | None = None) -> torch.Tensor:
+    """[length, prompt + before + length] bool: the prompt, not the ``before`` tokens, itself causally.
+
+    With a sliding ``window`` a query also sees only keys fewer than ``window`` positions back, counted
+    in the completion's own positions (it follows the prompt directly, whatever lies between).
+    """
     cols = torch.arange(prompt + before + length, device=device)
     rows = torch.arange(length, device=device)
     own = cols[None, :] - (prompt + before)
-    return (cols[None, :] < prompt) | ((own >= 0) & (own <= rows[:, None]))
+    mask = (cols[None, :] < prompt) | ((own >= 0) & (own <= rows[:, None]))
+    if window is not None:
+        key_pos = torch.where(cols < prompt, cols, cols - before)
+        mask &= (prompt + rows)[:, None] - key_pos[None, :] < window
+    return mask
+
+
+def _causal_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[length, length] bool: causal, and fewer than ``window`` positions back."""
+    i = torch.arange(length, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      segments: list[list[Segment]] | tuple, scaling: float | None = None) -> torch.Tensor:
+                      segments: list[list[Segment]] | tuple, scaling: float | None = None,
+                      window: int | None = None) -> torch.Tensor:
     """Attention over packed rows, ``[B, H, L, D]`` in, ``[B, L, H, D]`` out.
 
-    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention).
+    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention). ``window``:
+    a sliding-window layer's width (a query sees keys fewer than ``window`` positions back).
     """
-    B, H, L, D = query.shape
+    B, H, L, _ = query.shape
     gqa = key.shape[1] != H
     rows = []
     for b in range(B):
@@ -66,31 +87,27 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             if start != cursor:
                 raise ValueError(f"segments of row {b} are not contiguous ({start} after {cursor})")
             first = start + prompt + comps[0]
+            n = first - start
+            if window is None or n <= window:
+                piece_mask, causal = None, True
+            else:
+                piece_mask, causal = _causal_window_mask(n, window, query.device), False
             pieces.append(F.scaled_dot_product_attention(
                 q[:, :, start:first], k[:, :, start:first], v[:, :, start:first],
-                is_causal=True, scale=scaling, enable_gqa=gqa))
+                attn_mask=piece_mask, is_causal=causal, scale=scaling, enable_gqa=gqa))
             end = first
             for c in comps[1:]:
-                mask = _completion_mask(prompt, end - start - prompt, c, query.device)
+                near = window if window is not None and prompt + c > window else None
+                mask = _completion_mask(prompt, end - start - prompt, c, query.device, near)
                 pieces.append(F.scaled_dot_product_attention(
                     q[:, :, end:end + c], k[:, :, start:end + c], v[:, :, start:end + c],
                     attn_mask=mask, scale=scaling, enable_gqa=gqa))
                 end += c
             cursor = end
-        if cursor < L:
-            pieces.append(query.new_zeros(1, H, L - cursor, D))
+        if cursor < L:  # padding: zeros of the values' width (MLA models' value heads differ from queries')
+            pieces.append(query.new_zeros(1, H, L - cursor, value.shape[-1]))
         rows.append(torch.cat([p.transpose(1, 2) for p in pieces], dim=1))
     return rows[0] if B == 1 else torch.cat(rows, dim=0)
-
-
-def _window_covers(window, segments) -> bool:
-    """A sliding window changes nothing when no segment is longer than it (the usual case)."""
-    if window is None:
-        return True
-    if not isinstance(window, int):
-        return False
-    longest = max((p + sum(c) for row in segments for _, p, c in row), default=0)
-    return longest <= window
 
 
 def prefopt_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -98,6 +115,7 @@ def prefopt_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                          **kwargs):
     """transformers attention-interface entry point (see the module docstring)."""
     segments = kwargs.pop("prefopt_segments", None)
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     usable = (
         segments is not None
         and len(segments) == query.shape[0]
@@ -106,12 +124,12 @@ def prefopt_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         and kwargs.get("softcap") is None
         and kwargs.get("position_bias") is None
         and kwargs.get("s_aux") is None
-        and _window_covers(kwargs.get("sliding_window", getattr(module, "sliding_window", None)), segments)
+        and (window is None or (isinstance(window, int) and window > 0))
     )
     if not usable:
         return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                 **kwargs)
-    return segment_attention(query, key, value, segments, scaling=scaling), None
+    return segment_attention(query, key, value, segments, scaling=scaling, window=window), None
 
 
 _registered = False
@@ -141,3 +159,11 @@ def use_segment_attention(model: torch.nn.Module) -> bool:
     except (ValueError, AttributeError, TypeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def use_plain_attention(model: torch.nn.Module) -> bool:
+    """Undo :func:`use_segment_attention` (back to transformers' SDPA); False if it was not switched."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != NAME:
+        return False
+    model.set_attn_implementation("sdpa")
+    return True

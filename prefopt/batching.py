@@ -42,7 +42,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor        # [R, L] long
     position_ids: torch.Tensor     # [R, L] long
-    attention_mask: torch.Tensor   # [R, 1, L, L] bool, True = may attend
+    attention_mask: torch.Tensor   # [R, 1, L, L] bool, True = may attend; [R, L] (real positions) when plain
     hidden_index: torch.Tensor     # [T] flat index (r * L + position) of the predicting hidden state
     target_ids: torch.Tensor       # [T] the completion token to score
     token_seq: torch.Tensor        # [T] sequence id of each scored token
@@ -56,6 +56,9 @@ class PackedBatch:
     # per row, every segment as (start, prompt length, completion lengths): the mask in a form
     # attention kernels can use to skip what it hides (see prefopt.attention)
     segments: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...] = ()
+    # one [prompt | completion] per row, right-padded, with a 2-D padding mask: the layout every causal
+    # LM understands, run through the model's own forward (see prefopt.logprobs and prefopt.fastpath)
+    plain: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -69,6 +72,14 @@ class PackedBatch:
         code that works per position, not per read, needs each position once.
         """
         return torch.unique(self.hidden_index)
+
+    @property
+    def real_positions(self) -> torch.Tensor:
+        """``[R, L]`` bool: True where a row holds a token, False on its padding (segments start at 0)."""
+        R, L = self.input_ids.shape
+        used = torch.tensor([sum(p + sum(c) for _, p, c in row) for row in self.segments], dtype=torch.long,
+                            device=self.input_ids.device)
+        return torch.arange(L, device=used.device)[None, :] < used[:, None]
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -117,11 +128,21 @@ def collate(
     prefix_sharing: bool = True,
     packing: bool = True,
     pad_to_multiple_of: int = 1,
+    plain: bool = False,
+    capacity: int | None = None,
 ) -> PackedBatch:
-    """Build a :class:`PackedBatch` from examples that all have the same number of completions."""
+    """Build a :class:`PackedBatch` from examples that all have the same number of completions.
+
+    ``plain`` lays out one sequence per row with a 2-D padding mask (no prefix sharing, no
+    packing): the fallback for models whose attention cannot take prefopt's 4-D masks.
+    ``capacity``: the longest a packed row may be (default: the longest segment, so rows are never
+    longer than a padded batch would be).
+    """
+    if plain:
+        prefix_sharing = packing = False
     segments = _segments(examples, prefix_sharing)
     seg_len = [sum(len(ids) for _, ids, _ in seg) for seg in segments]
-    capacity = max(seg_len)
+    capacity = max(max(seg_len), capacity or 0)
     rows = _pack(seg_len, capacity) if packing else [[i] for i in range(len(segments))]
     L = -(-max(sum(seg_len[i] for i in row) for row in rows) // pad_to_multiple_of) * pad_to_multiple_of
     R = len(rows)
@@ -162,11 +183,15 @@ def collate(
                 cursor += n
         layout.append(tuple(row_layout))
 
-    same_seg = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    visible_part = (part_id[:, None, :] == 0) | (part_id[:, :, None] == part_id[:, None, :])
-    mask = same_seg & causal & visible_part
-    mask |= torch.eye(L, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+    if plain:
+        mask = seg_id >= 0
+    else:
+        same_seg = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        visible_part = (part_id[:, None, :] == 0) | (part_id[:, :, None] == part_id[:, None, :])
+        mask = same_seg & causal & visible_part
+        mask |= torch.eye(L, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+        mask = mask[:, None]
     labels = None
     if examples[0].label is not None:
         labels = torch.tensor([bool(ex.label) for ex in examples])
@@ -174,7 +199,7 @@ def collate(
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=mask[:, None],
+        attention_mask=mask,
         hidden_index=torch.tensor(hidden_index, dtype=torch.long),
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         token_seq=torch.tensor(token_seq, dtype=torch.long),
@@ -186,6 +211,7 @@ def collate(
         real_tokens=int(sum(seg_len)),
         slots=R * L,
         segments=tuple(layout),
+        plain=plain,
     )
 
 
@@ -228,7 +254,8 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
         parts.append(PackedBatch(
             input_ids=batch.input_ids[r:r + 1, :n],
             position_ids=batch.position_ids[r:r + 1, :n],
-            attention_mask=batch.attention_mask[r:r + 1, :, :n, :n],
+            attention_mask=(batch.attention_mask[r:r + 1, :n] if batch.plain
+                            else batch.attention_mask[r:r + 1, :, :n, :n]),
             hidden_index=batch.hidden_index[sel] - r * L,
             target_ids=batch.target_ids[sel],
             token_seq=local[torch.div(seq, n_comp, rounding_mode="floor")] * n_comp + seq % n_comp,
@@ -240,5 +267,6 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
             real_tokens=n,
             slots=n,
             segments=batch.segments[r:r + 1],
+            plain=batch.plain,
         ))
     return parts

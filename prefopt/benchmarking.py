@@ -180,9 +180,11 @@ class BenchHooks:
     records: list[StepRecord] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     train_start: float = 0.0
+    fast_paths: Any = None          # prefopt.fastpath.FastPaths: what the check decided for this model
     _last: float = 0.0
 
-    def on_train_start(self, *, policy, reference, data, steps: int, device) -> None:
+    def on_train_start(self, *, policy, reference, data, steps: int, device, fast_paths=None) -> None:
+        self.fast_paths = fast_paths
         self.shape = ModelShape.of(policy)
         self.reference_kind = type(reference).__name__ if reference is not None else "none"
         self.live_reference = reference is not None and not hasattr(reference, "table")
@@ -260,6 +262,9 @@ def summarize(hooks: BenchHooks, *, setup_seconds: float, wall_seconds: float, p
         "trainable_params": hooks.shape.trainable_params,
         "reference": hooks.reference_kind,
         "token_digest": hooks.token_digest(),
+        "fast_paths": hooks.fast_paths.describe() if hooks.fast_paths is not None else None,
+        "fast_path_check_seconds": (None if hooks.fast_paths is None or hooks.fast_paths.cached
+                                    else hooks.fast_paths.seconds),
         "losses": [r.loss for r in recs],
         "step_seconds": [r.seconds for r in recs],
         "settings": settings,
@@ -278,6 +283,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("steps / pairs", f"{result['steps']} / {result['pairs']}"),
         ("reference", result["reference"]),
+        ("fast paths", result.get("fast_paths") or "-"),
         ("parameters (trained)", f"{result['total_params'] / 1e6:.2f}M ({result['trainable_params'] / 1e6:.2f}M)"),
         ("tokens (prompt per completion)", f"{result['tokens']:,}"),
         ("real tokens computed / slots", f"{result['real_tokens']:,} / {result['slots']:,}"),

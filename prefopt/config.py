@@ -120,7 +120,17 @@ class TrainConfig:
                                 "(SDPA models; --no-block-attention: one masked SDPA call per row)", group="speed")
     lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk at most (fewer for large vocabularies, "
                                   "so a chunk's float32 logits stay under 64 MiB)", group="speed")
-    full_lm_head: bool = opt(False, "run the LM head over every position (ablation only)", group="speed")
+    full_lm_head: bool = opt(False, "the model's own LM head over every position instead of the fused head "
+                             "(chosen by the fast-path check for heads it cannot reproduce)", group="speed")
+    plain_path: bool = opt(False, "every sequence on its own with a 2-D padding mask and the model's own head: "
+                           "no prefix sharing, packing or custom masks (what the check falls back to)",
+                           group="speed")
+    fast_path_check: bool = opt(True, "before training or scoring, check every fast path against the model's "
+                                "plain forward on a few rows and switch off any that differs (cached)",
+                                group="speed")
+    router_aux_loss_coef: float = opt(0.0, "mixture-of-experts models: weight of the router's load-balancing loss "
+                                      "over real tokens, logged as aux_loss (0 = off, as in other trainers)",
+                                      group="model")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)", group="lora")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha", group="lora")
     lora_dropout: float = opt(0.0, "LoRA dropout", group="lora")
@@ -283,6 +293,8 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.ref_sync_alpha <= 1, "ref_sync_alpha", f"must be in [0, 1], got {cfg.ref_sync_alpha}")
     need(cfg.learning_rate > 0, "learning_rate", f"must be > 0, got {cfg.learning_rate}")
     need(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    need(cfg.router_aux_loss_coef >= 0 and math.isfinite(cfg.router_aux_loss_coef), "router_aux_loss_coef",
+         f"must be >= 0, got {cfg.router_aux_loss_coef}")
     for name in ("batch_size", "grad_accum", "logging_steps", "lm_head_chunk_size", "max_nonfinite_steps",
                  "ref_sync_steps"):
         need(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")

@@ -264,10 +264,12 @@ def sample_logps(model, prompt_ids: list[list[int]], samples: list[list[Sample]]
 
     Each prompt and its samples form one prefix-shared segment ``[x | y_1 | ... | y_K]``
     (see :mod:`prefopt.batching`), so the prompt is computed once for all its samples.
-    Every sampled token counts, EOS included; nothing after it was ever part of a sample.
+    Every sampled token counts, EOS included; nothing after it was ever part of a sample. The layout
+    is proven on the model first (:func:`prefopt.fastpath.decide`, log-probs only).
     """
     from prefopt.batching import collate
     from prefopt.data import TokenizedExample
+    from prefopt.fastpath import ORDER, check_rows, decide
     from prefopt.logprobs import completion_logps
 
     if not samples:
@@ -280,11 +282,14 @@ def sample_logps(model, prompt_ids: list[list[int]], samples: list[list[Sample]]
     device = _device_of(model)
     out = torch.zeros(len(examples), k)
     per_batch = max(1, batch_size // k)
+    fast = decide(model, check_rows(examples), dict.fromkeys(ORDER, True), pad_id=pad_token_id, with_grad=False,
+                  split=False, chunk_size=chunk_size, device=device, dtype=next(model.parameters()).dtype)
     try:
         for start in range(0, len(examples), per_batch):
-            batch = collate(examples[start:start + per_batch], pad_token_id=pad_token_id, prefix_sharing=True,
-                            packing=True).to(device)
-            seq = completion_logps(model, batch, chunk_size=chunk_size)
+            batch = collate(examples[start:start + per_batch], pad_token_id=pad_token_id,
+                            prefix_sharing=fast.features["prefix_sharing"], packing=fast.features["packing"],
+                            plain=not fast.features["masks"]).to(device)
+            seq = completion_logps(model, batch, chunk_size=chunk_size, full_head=not fast.features["fused_head"])
             out[batch.example_index.cpu()] = seq.logps.float().cpu().view(-1, k)
     finally:
         model.train(was_training)

@@ -130,14 +130,65 @@ def slim_activations(model: nn.Module) -> dict[str, int]:
                 continue
             module._prefopt_eps = eps
             if _same(module, _rmsnorm_forward, module.weight.shape[0]):
-                module.forward = types.MethodType(_rmsnorm_forward, module)
+                _set_forward(module, types.MethodType(_rmsnorm_forward, module))
+                module._prefopt_lean = True
                 counts["rmsnorm"] += 1
         elif all(_plain_linear(getattr(module, a, None)) for a in ("gate_proj", "up_proj", "down_proj")) \
                 and hasattr(module, "act_fn"):
             if _same(module, _swiglu_forward, module.gate_proj.in_features):
-                module.forward = types.MethodType(_swiglu_forward, module)
+                _set_forward(module, types.MethodType(_swiglu_forward, module))
+                module._prefopt_lean = True
                 counts["swiglu"] += 1
     return counts
+
+
+def _set_forward(module: nn.Module, forward) -> None:
+    """Patch ``module``'s forward; under a trimmed last MLP the trim keeps wrapping the new one."""
+    if "_prefopt_full" in module.__dict__:
+        module._prefopt_full = forward
+    else:
+        module.forward = forward
+
+
+def remove_lean_activations(model: nn.Module) -> int:
+    """Undo :func:`slim_activations`: every patched module gets its own forward back."""
+    count = 0
+    for module in model.modules():
+        if module.__dict__.pop("_prefopt_lean", False):
+            if "_prefopt_full" in module.__dict__:      # trimmed as well: the trim now wraps the original
+                module._prefopt_full = types.MethodType(type(module).forward, module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
+def untrim_last_mlp(model: nn.Module) -> bool:
+    """Undo :func:`trim_last_mlp`; the MLP keeps a lean forward if it had one."""
+    mlp = trimmed_mlp(model)
+    if mlp is None:
+        return False
+    full = mlp.__dict__.pop("_prefopt_full")
+    mlp.__dict__.pop("_prefopt_rows", None)
+    if mlp.__dict__.get("_prefopt_lean"):
+        mlp.forward = full
+    else:
+        mlp.__dict__.pop("forward", None)
+    return True
+
+
+@contextlib.contextmanager
+def original_forwards(model: nn.Module):
+    """Within this block every module patched here runs its own (transformers') forward."""
+    saved = {}
+    for module in model.modules():
+        if "forward" in module.__dict__ and (module.__dict__.get("_prefopt_lean") or "_prefopt_full" in module.__dict__):
+            saved[module] = module.__dict__.pop("forward")
+    try:
+        yield
+    finally:
+        for module, forward in saved.items():
+            module.forward = forward
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ model's dtype.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.batching import PackedBatch
 from prefopt.layers import trimmed_mlp
+from prefopt.moe import load_balancing_loss, moe_routing, router_logits_from
 
 
 @dataclass
@@ -32,6 +34,7 @@ class SeqLogps:
     tokens: torch.Tensor           # [N] float32, completion token counts
     token_logps: torch.Tensor      # [T] float32, per scored token (same order as the batch's plan)
     wpo_logw: torch.Tensor | None  # [N] length-averaged log(p(y_t) / sum_v p(v)^2), when asked
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss over the batch's real tokens, when asked
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen, rejected, chosen_tokens, rejected_tokens) for two-completion batches."""
@@ -42,17 +45,80 @@ def _attn_impl(model: torch.nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
-def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean masks for SDPA-style kernels; an additive float mask for eager attention."""
-    impl = _attn_impl(model) or "eager"
-    if impl in ("sdpa", "flex_attention", SEGMENT_ATTENTION):
+# Attention implementations that take an explicit [rows, 1, L, L] mask: boolean for the SDPA kinds,
+# additive float for eager attention, a BlockMask for flex attention (transformers' flex path adds a
+# plain tensor mask to the scores, so a boolean one would mask nothing).
+BOOL_MASK_IMPLEMENTATIONS = ("sdpa", SEGMENT_ATTENTION)
+FLOAT_MASK_IMPLEMENTATIONS = ("eager",)
+BLOCK_MASK_IMPLEMENTATIONS = ("flex_attention",)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_masks(config, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4-D mask each kind of attention layer needs, from the prefix-sharing mask and positions.
+
+    Transformers' decoders take a ready 4-D mask as is, so the sliding window (or attention chunk)
+    that its own mask functions would add is added here, counted in each sequence's own positions
+    (a completion's positions restart after the prompt; a physical distance in the packed row means
+    nothing). Models whose layers differ (``config.layer_types``: Gemma 2/3, Qwen2 with a sliding
+    window, Cohere 2, GPT-OSS, ...) get a dict keyed by layer type, which their forward accepts in
+    place of a mask; models with one window for every layer (Mistral, Phi-3, Starcoder2) get it
+    applied to the one mask.
+    """
+    config = _text_config(config)
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) and window > 0 else None
+    chunk = getattr(config, "attention_chunk_size", None)
+    chunk = chunk if isinstance(chunk, int) and chunk > 0 else None
+    pos = positions[:, None, :, None], positions[:, None, None, :]
+
+    def restrict(kind: str) -> torch.Tensor:
+        if kind == "sliding_attention" and window is not None:
+            return mask & (pos[0] - pos[1] < window)
+        if kind == "chunked_attention" and chunk is not None:
+            return mask & (torch.div(pos[0], chunk, rounding_mode="floor")
+                           == torch.div(pos[1], chunk, rounding_mode="floor"))
         return mask
-    if "flash" in impl:
+
+    types = getattr(config, "layer_types", None)
+    kinds = set(types) if isinstance(types, (list, tuple)) and types else set()
+    if not kinds:
+        uses_window = window is not None and getattr(config, "use_sliding_window", True) is not False
+        return restrict("sliding_attention") if uses_window else mask
+    if len(kinds) == 1:
+        return restrict(next(iter(kinds)))
+    return {kind: restrict(kind) for kind in sorted(kinds)}
+
+
+def _block_mask(mask: torch.Tensor):
+    """Flex attention's BlockMask for a boolean [R, 1, L, L] mask (fully hidden blocks are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    R, _, L, _ = mask.shape
+    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], R, None, L, L, device=mask.device, _compile=False)
+
+
+def _attention_mask_for(model: torch.nn.Module, batch: PackedBatch, dtype: torch.dtype):
+    """The 4-D mask(s) of a packed batch in the form the model's attention implementation takes."""
+    impl = _attn_impl(model) or "eager"
+    if impl not in BOOL_MASK_IMPLEMENTATIONS + FLOAT_MASK_IMPLEMENTATIONS + BLOCK_MASK_IMPLEMENTATIONS:
         raise ValueError(
-            "flash-attention kernels take no custom masks, which prefix sharing and packing need; "
-            "load the model with attn_implementation='sdpa'"
-        )
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+            f"attention implementation {impl!r} takes no custom 4-D masks, which prefix sharing and packing "
+            "need: load the model with attn_implementation='sdpa' (or 'eager'), or lay the batch out plain "
+            "(collate(..., plain=True)), which any implementation runs")
+    masks = layer_masks(model.config, batch.attention_mask, batch.position_ids)
+    if impl in BOOL_MASK_IMPLEMENTATIONS:
+        return masks
+    if impl in BLOCK_MASK_IMPLEMENTATIONS:
+        return {k: _block_mask(v) for k, v in masks.items()} if isinstance(masks, dict) else _block_mask(masks)
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+
+    return {k: additive(v) for k, v in masks.items()} if isinstance(masks, dict) else additive(masks)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -67,12 +133,13 @@ def _layout_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
     return {"prefopt_segments": batch.segments} if _attn_impl(model) == SEGMENT_ATTENTION and batch.segments else {}
 
 
-def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, head_rows_only: bool = False) -> torch.Tensor:
+def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, head_rows_only: bool = False,
+                          routers: list | None = None) -> torch.Tensor:
     """Run the decoder stack (no LM head) and return the last hidden states ``[R, L, d]``.
 
     ``head_rows_only``: the caller reads only the rows ``batch.hidden_index``, so a last-layer
     MLP patched by :func:`prefopt.layers.trim_last_mlp` may skip the others (their hidden
-    states come back wrong).
+    states come back wrong). ``routers``: a list that receives the MoE router logits.
     """
     decoder = model.get_decoder()
     mlp = trimmed_mlp(model) if head_rows_only else None
@@ -81,26 +148,116 @@ def decoder_hidden_states(model: torch.nn.Module, batch: PackedBatch, *, head_ro
     try:
         out = decoder(
             input_ids=batch.input_ids,
-            attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
+            attention_mask=_attention_mask_for(model, batch, _model_dtype(model)),
             position_ids=batch.position_ids,
             use_cache=False,
             **_layout_kwargs(model, batch),
+            **({"output_router_logits": True} if routers is not None else {}),
         )
     finally:
         if mlp is not None:
             mlp._prefopt_rows = None
+    if routers is not None:
+        routers.append(router_logits_from(out))
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
 def _postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
-    """Apply the few architectures' logit transforms that live after the head (Cohere, Gemma 2/3)."""
+    """The logit transforms some architectures apply after the head: Cohere's ``logit_scale``,
+    Granite's division by ``logits_scaling``, Gemma 2/3's final soft-capping. Any other is left to
+    the fast-path check (:mod:`prefopt.fastpath`), which then switches to the model's own head."""
+    config = _text_config(config)
     scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def _own_head_logps(model: torch.nn.Module, batch: PackedBatch, with_wpo: bool, routers: list | None = None):
+    """Token log-probs from the model's own forward and head, every transform it applies after
+    the head included; log-softmax in float32. Only the row ends from the first predicting
+    position on get logits (``logits_to_keep``, as generation uses it), not the whole row.
+
+    A plain batch runs row by row, each row cut to its own length: every sequence truly alone,
+    no padding (some models -- sparse attention, recurrences -- are not exact under padding)."""
+    if batch.plain:
+        return _plain_rows_logps(model, batch, with_wpo, routers)
+    inputs = {"attention_mask": _attention_mask_for(model, batch, _model_dtype(model)),
+              "position_ids": batch.position_ids, **_layout_kwargs(model, batch)}
+    return _forward_logps(model, batch.input_ids, inputs, batch.hidden_index, batch.target_ids, with_wpo, routers)
+
+
+def _forward_logps(model, input_ids, inputs: dict, index, targets, with_wpo: bool, routers: list | None):
+    L = input_ids.shape[1]
+    extra = {}
+    first = int((index % L).min()) if index.numel() else L - 1
+    if _accepts(model, "logits_to_keep") and first > 0:
+        extra["logits_to_keep"] = L - first
+        index = torch.div(index, L, rounding_mode="floor") * (L - first) + index % L - first
+    if routers is not None:
+        extra["output_router_logits"] = True
+    out = model(input_ids=input_ids, use_cache=False, **inputs, **extra)
+    if routers is not None:
+        routers.append(router_logits_from(out))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logp = logits.float().log_softmax(-1).flatten(0, 1)
+    token_logps = logp[index, targets]
+    log_sq = torch.logsumexp(2 * logp[index], dim=-1) if with_wpo else None
+    return token_logps, log_sq
+
+
+def _plain_rows_logps(model, batch: PackedBatch, with_wpo: bool, routers: list | None):
+    R, L = batch.input_ids.shape
+    lengths = batch.attention_mask.sum(1).tolist()
+    row_of = torch.div(batch.hidden_index, L, rounding_mode="floor")
+    per_row = []
+    parts = []
+    for r in range(R):
+        n = int(lengths[r])
+        sel = (row_of == r).nonzero().squeeze(1)
+        ids = batch.input_ids[r:r + 1, :n]
+        got = [] if routers is not None else None
+        lp, sq = _forward_logps(model, ids, {"attention_mask": torch.ones_like(ids)}, batch.hidden_index[sel] - r * L,
+                                batch.target_ids[sel], with_wpo, got)
+        parts.append((sel, lp, sq))
+        if got is not None:
+            per_row.append((r, n, got[0]))
+    where = (torch.cat([p[0] for p in parts]),)
+    token_logps = parts[0][1].new_zeros(batch.hidden_index.shape[0]).index_put(where, torch.cat([p[1] for p in parts]))
+    log_sq = None
+    if with_wpo:
+        log_sq = token_logps.new_zeros(token_logps.shape).index_put(where, torch.cat([p[2] for p in parts]))
+    if routers is not None:
+        routers.append(_pad_router_logits(per_row, R, L))
+    return token_logps, log_sq
+
+
+def _pad_router_logits(per_row, R: int, L: int):
+    """Rows' router logits laid back out as ``[R * L, E]`` per layer (zeros on padding, which the
+    load-balancing loss leaves out through the batch's real positions)."""
+    if not per_row or per_row[0][2] is None:
+        return None
+    layers = []
+    for k in range(len(per_row[0][2])):
+        first = per_row[0][2][k]
+        full = first.new_zeros(R, L, first.shape[-1])
+        for r, n, logits in per_row:
+            full[r, :n] = logits[k].reshape(n, -1)
+        layers.append(full.reshape(R * L, -1))
+    return tuple(layers)
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class _HeadLogps(torch.autograd.Function):
@@ -148,9 +305,12 @@ class _HeadLogps(torch.autograd.Function):
 
 def _plain_head(head, config) -> bool:
     """True when the head is ``h @ W^T`` and nothing after it (most decoders)."""
+    config = _text_config(config)
     scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
     return (type(head) is torch.nn.Linear and head.bias is None
             and not (isinstance(scale, (int, float)) and scale != 1)
+            and not (isinstance(divisor, (int, float)) and divisor != 1)
             and not getattr(config, "final_logit_softcapping", None))
 
 
@@ -183,27 +343,24 @@ def completion_logps(
     chunk_size: int = 1024,
     full_head: bool = False,
     with_wpo: bool = False,
+    router_aux: bool = False,
 ) -> SeqLogps:
     """Sum of completion-token log-probs for every sequence of ``batch``.
 
-    ``full_head=True`` runs the model's ordinary forward (head over every position,
-    full log-softmax); it exists for the benchmark's ablation and the tests.
+    ``full_head=True`` runs the model's ordinary forward and head (the fallback for a head the
+    fast path cannot reproduce, and the benchmark's ablation). A plain batch
+    (``collate(..., plain=True)``) always does, with a 2-D padding mask: it works with every
+    causal LM and attention implementation. ``router_aux``: for a mixture-of-experts model, also
+    the router's load-balancing loss over the batch's real tokens (:mod:`prefopt.moe`).
     """
     head = model.get_output_embeddings()
     config = model.config
-    if full_head:
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=_attention_mask_for(model, batch.attention_mask, _model_dtype(model)),
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **_layout_kwargs(model, batch),
-        )
-        logp = out.logits.float().log_softmax(-1).flatten(0, 1)
-        token_logps = logp[batch.hidden_index, batch.target_ids]
-        log_sq = torch.logsumexp(2 * logp[batch.hidden_index], dim=-1) if with_wpo else None
+    routing = moe_routing(config) if router_aux else None
+    routers = [] if routing is not None else None
+    if full_head or batch.plain:
+        token_logps, log_sq = _own_head_logps(model, batch, with_wpo, routers)
     else:
-        hidden = decoder_hidden_states(model, batch, head_rows_only=True)
+        hidden = decoder_hidden_states(model, batch, head_rows_only=True, routers=routers)
         picked = hidden.flatten(0, 1).index_select(0, batch.hidden_index)
         parts, sq_parts = [], []
         grad = torch.is_grad_enabled() and picked.requires_grad
@@ -232,7 +389,10 @@ def completion_logps(
     if with_wpo:
         per_token = (token_logps - log_sq).detach()
         wpo_logw = torch.zeros(n, dtype=torch.float32, device=seq.device).index_add(0, seq, per_token) / tokens
-    return SeqLogps(logps=logps, tokens=tokens, token_logps=token_logps, wpo_logw=wpo_logw)
+    aux = None
+    if routers and routers[0]:
+        aux = load_balancing_loss(routers[0], batch.real_positions.reshape(-1), *routing)
+    return SeqLogps(logps=logps, tokens=tokens, token_logps=token_logps, wpo_logw=wpo_logw, aux_loss=aux)
 
 
 class CompletionLogpsModel(torch.nn.Module):
@@ -243,12 +403,14 @@ class CompletionLogpsModel(torch.nn.Module):
     whole log-prob computation in one module lets ``accelerator.prepare`` wrap *this*.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, full_head: bool = False):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, full_head: bool = False,
+                 router_aux: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.full_head = full_head
+        self.router_aux = router_aux
 
     def forward(self, batch: PackedBatch, with_wpo: bool = False) -> SeqLogps:
         return completion_logps(self.model, batch, chunk_size=self.chunk_size, full_head=self.full_head,
-                                with_wpo=with_wpo)
+                                with_wpo=with_wpo, router_aux=self.router_aux and torch.is_grad_enabled())

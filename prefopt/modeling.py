@@ -94,7 +94,17 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype],
             bnb_4bit_use_double_quant=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        try:
+            model = _from_pretrained(name, kwargs)
+        except ValueError as e:
+            if "does not support an attention implementation" not in str(e) or attn_implementation == "eager":
+                raise
+            # e.g. Gemma 2 (its attention soft-capping has no SDPA form): the model's own attention instead
+            log.warning("%s: %s has no '%s' attention in transformers; using 'eager' (prefix sharing and "
+                        "packing still apply; block attention needs SDPA)", name,
+                        str(e).split(" does not support")[0], attn_implementation)
+            kwargs["attn_implementation"] = "eager"
+            model = _from_pretrained(name, kwargs)
     except pickle.UnpicklingError:
         raise ModelError(f"cannot load a causal LM from '{name}': its pickled weights hold more than plain tensors, "
                          "and prefopt never unpickles arbitrary objects; use a safetensors copy") from None
@@ -106,28 +116,71 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
     return model
 
 
+# Names of the probabilities and noise scales that make a forward random in training mode: dropout
+# in all its spellings (GPT-2's resid_pdrop, OPT's float `dropout` and `layerdrop` read inside
+# forward), stochastic depth, and MoE routers' jitter noise (Mixtral's router_jitter_noise).
+_RANDOM_IN_TRAINING = ("dropout", "pdrop", "layerdrop", "drop_path", "jitter")
+
+
+def _random_in_training(name: str) -> bool:
+    name = name.lower()
+    return any(word in name for word in _RANDOM_IN_TRAINING)
+
+
+def _from_pretrained(name: str, kwargs: dict) -> torch.nn.Module:
+    """AutoModelForCausalLM, or the causal-LM class the saved config names where the auto mapping has
+    no entry for its config class (text parts of multimodal models: Emu3ForCausalLM, MllamaForCausalLM)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, trust_remote_code=kwargs.get("trust_remote_code", False))
+        for arch in getattr(config, "architectures", None) or ():
+            cls = getattr(transformers, arch, None)
+            if cls is not None and arch.endswith(("ForCausalLM", "LMHeadModel")):
+                return cls.from_pretrained(name, **kwargs)
+        raise
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to zero, in modules and in the config."""
+    """Set every dropout probability (and router jitter) to zero, in modules and in the configs.
+
+    DPO compares the policy (in training mode) with a reference computed without dropout, so any
+    randomness left in training mode makes the two differ at step 0. Dropout modules are not the
+    only form: many models keep the probability in a float attribute read inside ``forward``
+    (OPT's ``dropout`` and ``layerdrop``, attention modules' ``attention_dropout``). The fast-path
+    check (:mod:`prefopt.fastpath`) compares training and evaluation mode, so a form missed here is
+    caught there.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for attr in ("attention_dropout", "dropout_p"):
-            if isinstance(getattr(module, attr, None), float):
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and _random_in_training(attr):
                 setattr(module, attr, 0.0)
-    config = getattr(model, "config", None)
-    if config is not None:
-        for key, value in list(vars(config).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
+    seen = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen:
+            continue
+        configs = [config, *(getattr(config, k) for k in ("text_config", "decoder") if hasattr(config, k))]
+        for c in configs:
+            seen.add(id(c))
+            for key, value in list(vars(c).items()):
+                if isinstance(value, float) and _random_in_training(key):
+                    setattr(c, key, 0.0)
 
 
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
                target_modules: list[str], gradient_checkpointing: bool) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters through peft; an existing adapter keeps training."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = prepare_kbit(model, gradient_checkpointing)
     if isinstance(model, PeftModel):
         return model
     targets: str | list[str] = target_modules
@@ -139,6 +192,20 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
         return get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"--lora-target-modules {' '.join(target_modules)}: {str(e).splitlines()[0]}") from None
+
+
+def prepare_kbit(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """QLoRA's preparation of a 4-bit model (norms, embeddings and head cast to float32), once.
+
+    The trainer calls it straight after loading, before the fast-path check and the reference pass,
+    so the cached reference is computed by the same numbers the policy starts from."""
+    if not getattr(model, "is_loaded_in_4bit", False) or getattr(model, "_prefopt_kbit_prepared", False):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model._prefopt_kbit_prepared = True
+    return model
 
 
 def load_adapter_model(base: torch.nn.Module, adapter_dir: str, trainable: bool) -> torch.nn.Module:

@@ -41,8 +41,19 @@ def default_cache_dir() -> Path:
 
 def hash_weights(model: torch.nn.Module) -> str:
     """A digest of every parameter and buffer, so a changed reference means a new cache key."""
+    return _hash_tensors(model.state_dict().items())
+
+
+def hash_buffers(model: torch.nn.Module) -> str:
+    """A digest of the buffers a checkpoint does not hold (rotary frequencies, ALiBi slopes, causal
+    tables): computed from the config and the code at load time, they change the numbers too."""
+    saved = set(model.state_dict())
+    return _hash_tensors((n, b) for n, b in model.named_buffers() if n not in saved)
+
+
+def _hash_tensors(named) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(named, key=lambda item: item[0]):
         t = tensor.detach()
         h.update(name.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())

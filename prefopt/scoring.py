@@ -14,13 +14,15 @@ from prefopt.inputs import prepare_examples
 from prefopt.logprobs import completion_logps
 from prefopt.losses import LossParams, PairLogps, compute_loss, needs_reference
 from prefopt.modeling import load_causal_lm, load_tokenizer
-from prefopt.train import batches, effective_logps, loss_params
+from prefopt.fastpath import requested_features
+from prefopt.train import announce, batches, effective_logps, loss_params, settle_fast_paths
 
 log = logging.getLogger("prefopt")
 
 
 @torch.no_grad()
 def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg`` carries the fast paths proven for ``model`` (:func:`prefopt.train.settle_fast_paths`)."""
     """(log-probs, token counts), each [num_examples, num_completions], in example order."""
     model.eval()
     n_comp = len(examples[0].completions)
@@ -30,7 +32,7 @@ def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torc
     size = cfg.eval_batch_size or cfg.batch_size
     for batch in batches(examples, list(range(len(examples))), size, pad_id, cfg):
         batch = batch.to(device)
-        seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size)
+        seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size, full_head=cfg.full_lm_head)
         idx = batch.example_index.cpu()
         logps[idx] = effective_logps(seq, batch, cfg, n_comp).float().cpu().view(-1, n_comp)
         tokens[idx] = seq.tokens.cpu().view(-1, n_comp)
@@ -50,19 +52,20 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
     examples = data.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def load(name: str):
-        return load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                              block_attention=cfg.block_attention,
-                              trust_remote_code=cfg.trust_remote_code).to(device)
+    def table(name: str, role: str):
+        """Load ``name``, prove the fast paths on it (no gradients), score every example."""
+        model = load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                               block_attention=cfg.block_attention,
+                               trust_remote_code=cfg.trust_remote_code).to(device)
+        model_cfg, fast = settle_fast_paths(cfg, model, data, tokenizer.pad_token_id, device=device,
+                                            requested=requested_features(cfg), with_grad=False, split=False)
+        log.info("%s %s", role, announce(fast))
+        return sequence_table(model, examples, model_cfg, tokenizer.pad_token_id)
 
-    policy = load(cfg.model)
-    pol, tok = sequence_table(policy, examples, cfg, tokenizer.pad_token_id)
-    del policy
+    pol, tok = table(cfg.model, "policy")
     ref = None
     if needs_reference(cfg.loss_type, cfg.reference_free):
-        ref_model = load(cfg.ref_model or cfg.model)
-        ref, _ = sequence_table(ref_model, examples, cfg, tokenizer.pad_token_id)
-        del ref_model
+        ref, _ = table(cfg.ref_model or cfg.model, "reference")
     params: LossParams = loss_params(cfg)
     policy_pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
     ref_pairs = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None

@@ -32,7 +32,19 @@ from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
-from prefopt.layers import rebuild_norm_outputs, slim_activations, trim_last_mlp, trimmed_mlp
+from prefopt.fastpath import (
+    FastPaths,
+    apply_patches,
+    cached_decide,
+    check_key,
+    check_rows,
+    config_digest,
+    requested_features,
+    settings_from,
+    versions,
+)
+from prefopt.layers import rebuild_norm_outputs, trimmed_mlp
+from prefopt.moe import moe_routing
 from prefopt.logprobs import CompletionLogpsModel, SeqLogps, completion_logps
 from prefopt.losses import (
     LossOutput,
@@ -46,6 +58,7 @@ from prefopt.losses import (
     wpo_pair_weights,
 )
 from prefopt.modeling import (
+    DTYPES,
     apply_lora,
     check_exists,
     count_parameters,
@@ -53,6 +66,7 @@ from prefopt.modeling import (
     load_adapter_model,
     load_causal_lm,
     load_tokenizer,
+    prepare_kbit,
 )
 from prefopt.reference import (
     AdapterDisabledReference,
@@ -60,6 +74,7 @@ from prefopt.reference import (
     ModelReference,
     cache_key,
     default_cache_dir,
+    hash_buffers,
     hash_examples,
     hash_weights,
 )
@@ -160,7 +175,7 @@ def _chunks(order: list[int], batch_size: int) -> list[list[int]]:
 def _collate_fn(examples, pad_id: int, cfg: TrainConfig):
     """Index list -> PackedBatch, laid out as the config says (prefix sharing, packing)."""
     return lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-                               packing=cfg.packing)
+                               packing=cfg.packing, plain=cfg.plain_path)
 
 
 def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
@@ -169,34 +184,96 @@ def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: Train
 
 
 def _load_reference(cfg: TrainConfig, name: str, device) -> torch.nn.Module:
-    """A separate frozen reference model, its last MLP trimmed (no backward runs through it, so
-    checkpointing and compile do not matter here)."""
+    """A separate frozen reference model with the run's fast paths (no backward runs through it, so
+    checkpointing and compile do not matter here); :func:`settle_reference` proves them for it."""
     ref = load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                          block_attention=cfg.block_attention, trust_remote_code=cfg.trust_remote_code)
     ref.to(device)
-    if cfg.trim_last_layer:
-        trim_last_mlp(ref)
     return ref
 
 
+# The fast paths that shape the batch itself, which the policy and a live reference share.
+LAYOUT_FEATURES = ("masks", "prefix_sharing", "packing")
+
+
+def router_aux_wanted(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    """--router-aux-loss-coef applies to mixture-of-experts models; elsewhere it is said to do nothing."""
+    if cfg.router_aux_loss_coef <= 0:
+        return False
+    if moe_routing(model.config) is None:
+        log.warning("--router-aux-loss-coef is ignored: %s has no expert router", type(model).__name__)
+        return False
+    return True
+
+
+def check_split(cfg: TrainConfig, mode: str, sharded: bool) -> bool:
+    """Whether the training loop runs micro-batches row by row (see :func:`row_parts`)."""
+    return not (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type) or sharded)
+
+
+def settle_fast_paths(cfg: TrainConfig, model: torch.nn.Module, data: Examples, pad_id: int, *, device,
+                      requested: dict[str, bool], with_grad: bool, split: bool, weights_digest: str | None = None,
+                      share=None) -> tuple[TrainConfig, FastPaths]:
+    """Prove the requested fast paths on ``model`` (see :mod:`prefopt.fastpath`), leave it patched as
+    decided, and return the config with the decision in it. ``share`` makes every process take the
+    main one's decision."""
+    if not cfg.fast_path_check:
+        fast = FastPaths(features=apply_patches(model, requested), architecture=type(model).__name__,
+                         dtype=cfg.dtype)
+        return replace(cfg, **settings_from(fast.features)), fast
+    rows = check_rows(data.train + data.eval)
+    cache_file = None
+    if cfg.ref_cache:
+        weights_digest = weights_digest or hash_weights(model)
+        key = check_key(weights_digest, model, rows, requested, with_grad=with_grad, split=split,
+                        chunk=cfg.lm_head_chunk_size, dtype=cfg.dtype)
+        cache_file = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "fastpath" / f"{key}.json"
+    fast = cached_decide(model, rows, requested, cache_file=cache_file, pad_id=pad_id, with_grad=with_grad,
+                         split=split, chunk_size=cfg.lm_head_chunk_size, device=device, dtype=DTYPES[cfg.dtype])
+    if share is not None:
+        fast = share(fast)
+        fast.features = apply_patches(model, fast.features)
+    return replace(cfg, **settings_from(fast.features)), fast
+
+
+def announce(fast: FastPaths) -> str:
+    return fast.describe() + (" [cached]" if fast.cached else f" [checked in {fast.seconds:.1f} s]")
+
+
+def _share(accelerator):
+    """Every process takes the main process's decision (the same rows give the same numbers, but a
+    collective forward must not run in two layouts)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import broadcast_object_list
+
+    return lambda fast: broadcast_object_list([fast])[0]
+
+
 def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int,
-                    explicit: set[str] = frozenset()):
-    """Return (train_reference, eval_reference) or (None, None) for reference-free training."""
+                    explicit: set[str] = frozenset(), weights_digest: str | None = None):
+    """Return (train_reference, eval_reference) or (None, None) for reference-free training.
+
+    ``cfg`` carries the policy's proven fast paths; a separate reference model is checked on its own
+    (without gradients) and scores in whatever layout it proves."""
     if mode == "sft" or not needs_reference(cfg.loss_type, cfg.reference_free):
         if cfg.ref_model and "ref_model" in explicit:
             log.warning("--ref-model is ignored: %s needs no reference model, so none is loaded",
                         "+".join(cfg.loss_type) + (" with --reference-free" if cfg.reference_free else ""))
         return None, None
-    score = _score_fn(cfg, num_completions)
     separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
+    pad_id = tokenizer.pad_token_id
     if cfg.ref_cache and cfg.ref_sync == "none":
-        ref = _load_reference(cfg, cfg.ref_model, accelerator.device) if separate else policy
-        weights = hash_weights(ref)
+        ref, ref_cfg = (settle_reference(cfg, accelerator, data, pad_id) if separate
+                        else (policy, cfg))
+        weights = weights_digest if not separate and weights_digest else hash_weights(ref)
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
-        extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "full_head": cfg.full_lm_head,
-                 "trim_last_layer": trimmed_mlp(ref) is not None,
-                 "attn": cfg.attn_implementation, "block_attention": cfg.block_attention}
+        extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "config": config_digest(ref), "env": versions(),
+                 "buffers": hash_buffers(ref), "attn": getattr(ref.config, "_attn_implementation", None),
+                 "fast_paths": settings_from(requested_features(ref_cfg)),
+                 "trim_last_layer": trimmed_mlp(ref) is not None}
+        score = _score_fn(ref_cfg, num_completions)
         tables = []
         for examples in (data.train, data.eval):
             if not examples:
@@ -206,7 +283,7 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
             path = cache_root / "ref_logps" / f"{key}.safetensors"
             with accelerator.main_process_first():
                 table, hit = CachedReference.build(
-                    ref, batches(examples, list(range(len(examples))), batch, tokenizer.pad_token_id, cfg),
+                    ref, batches(examples, list(range(len(examples))), batch, pad_id, ref_cfg),
                     len(examples), num_completions, score, cache_file=path, device=accelerator.device)
             accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
                               f"({len(examples)} examples) {path}")
@@ -215,10 +292,39 @@ def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: s
             del ref
         return tables[0], tables[1]
     if cfg.lora_r > 0 and not separate:
-        live = AdapterDisabledReference(policy, score)
+        live = AdapterDisabledReference(policy, _score_fn(cfg, num_completions))
         return live, live
-    live = ModelReference(_load_reference(cfg, cfg.ref_model or cfg.model, accelerator.device), score)
-    return live, live
+    if not separate:
+        live = ModelReference(_load_reference(cfg, cfg.model, accelerator.device), _score_fn(cfg, num_completions))
+        apply_patches(live.model, requested_features(cfg))
+        return live, live
+    ref, ref_cfg = settle_reference(cfg, accelerator, data, pad_id)
+    score = _score_fn(ref_cfg, num_completions)
+    if all(requested_features(ref_cfg)[k] == requested_features(cfg)[k] for k in LAYOUT_FEATURES):
+        live = ModelReference(ref, score)
+        return live, live
+    # the reference proved a different layout: it re-lays each batch out from the examples themselves
+    return tuple(ModelReference(ref, _relaid(score, examples, pad_id, ref_cfg)) for examples in (data.train, data.eval))
+
+
+def settle_reference(cfg: TrainConfig, accelerator, data: Examples, pad_id: int):
+    """Load a separate reference model and prove the run's fast paths on it (no gradients)."""
+    ref = _load_reference(cfg, cfg.ref_model, accelerator.device)
+    ref_cfg, fast = settle_fast_paths(cfg, ref, data, pad_id, device=accelerator.device,
+                                      requested=requested_features(cfg), with_grad=False, split=False,
+                                      share=_share(accelerator))
+    accelerator.print("reference " + announce(fast))
+    return ref, ref_cfg
+
+
+def _relaid(score, examples, pad_id: int, cfg: TrainConfig):
+    layout = _collate_fn(examples, pad_id, cfg)
+
+    def relaid(model, batch: PackedBatch) -> torch.Tensor:
+        again = layout(batch.example_index.tolist()).to(batch.input_ids.device)
+        return score(model, again)
+
+    return relaid
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -378,8 +484,16 @@ def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cf
     ``policy`` is the (possibly DDP/FSDP-wrapped) :class:`CompletionLogpsModel`.
     ``mean_across_processes`` averages KTO's KL estimate over every process's rows.
     """
-    n_comp = batch.num_completions
     seq = policy(batch, with_wpo=cfg.wpo_weighting)
+    losses, out, pairs = _pair_losses(seq, batch, reference, cfg, mode, params, mean_across_processes)
+    if seq.aux_loss is not None:  # MoE routers: added to the loss in the step, weighted by the batch's pairs
+        out.metrics["aux_loss"] = seq.aux_loss
+    return losses, out, pairs
+
+
+def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig, mode: str, params: LossParams,
+                 mean_across_processes=None) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+    n_comp = batch.num_completions
     pol = effective_logps(seq, batch, cfg, n_comp).view(-1, n_comp)
     tok = seq.tokens.view(-1, n_comp)
     ref = None
@@ -556,14 +670,20 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
                               "which needs the reference cache: drop --no-ref-cache or give --ref-model")
         policy = load_adapter_model(policy, cfg.model, trainable=True)
     policy.to(accelerator.device)
+    policy = prepare_kbit(policy, cfg.gradient_checkpointing)  # QLoRA: before the check and the reference
     sharded = accelerator.distributed_type in SHARDING_ENGINES  # they gather weights and own the optimizer state
     recomputing = cfg.gradient_checkpointing or cfg.compile  # they bring their own saved-tensor handling
-    if cfg.lean_activations and not sharded:
-        slim_activations(policy)  # ZeRO-3/FSDP gather weights in sub-module hooks: keep their forwards there
-    if cfg.trim_last_layer and not (recomputing or sharded):
-        trim_last_mlp(policy)  # checkpointing would recompute the layer without the row list
+    # ZeRO-3/FSDP gather weights in sub-module hooks, so no module is patched under them; checkpointing
+    # would recompute the last layer without the trim's row list
+    requested = requested_features(cfg, sharded=sharded, recomputing=recomputing)
+    weights_digest = hash_weights(policy) if cfg.ref_cache and cfg.fast_path_check else None
+    cfg, fast = settle_fast_paths(cfg, policy, data, pad_id, device=accelerator.device, requested=requested,
+                                  with_grad=True, split=check_split(cfg, mode, sharded),
+                                  weights_digest=weights_digest, share=_share(accelerator))
+    accelerator.print(announce(fast))
     # The reference is settled before LoRA is added: at that point the policy *is* the reference.
-    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit)
+    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit,
+                                          weights_digest=weights_digest)
     if cfg.lora_r > 0 and not adapter:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -581,7 +701,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
 
     steps, per_epoch = total_steps(cfg, len(data.train), accelerator.num_processes)
     model = policy  # the transformers / peft model; `policy` becomes its log-prob wrapper for accelerate
-    policy = CompletionLogpsModel(model, cfg.lm_head_chunk_size, cfg.full_lm_head)
+    policy = CompletionLogpsModel(model, cfg.lm_head_chunk_size, cfg.full_lm_head,
+                                  router_aux=router_aux_wanted(cfg, model))
     optimizer = build_optimizer(cfg, policy)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = build_scheduler(cfg, optimizer, warmup, steps)
@@ -616,10 +737,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     start_epoch, skip = divmod(state["micro_batches"], per_epoch)
     stream = _microbatches(data.train, cfg, pad_id, accelerator, start_epoch, skip)
     progress = _progress(cfg, accelerator, steps, state["step"])
-    policy.train()
+    policy.train(fast.train_mode)  # eval mode only where the check found training mode random (said in the log)
     if hooks is not None:
         hooks.on_train_start(policy=model, reference=ref_train, data=data,
-                             steps=steps, device=accelerator.device)
+                             steps=steps, device=accelerator.device, fast_paths=fast)
     # a checkpoint taken mid logging window carries the window, so the next row averages the same steps
     window = StepStats(**state.pop("window")) if "window" in state else StepStats()
     last_log = time.perf_counter()
@@ -648,7 +769,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
                                                     lambda t: accelerator.reduce(t, reduction="mean"))
                 # Sum over the window's pairs / all pairs of the global batch. DDP averages over processes and
                 # accelerate divides by grad_accum, so both factors are put back here.
-                loss = losses.sum() * accelerator.num_processes * cfg.grad_accum / global_pairs
+                scale = accelerator.num_processes * cfg.grad_accum / global_pairs
+                loss = losses.sum() * scale
+                if "aux_loss" in out.metrics:  # each micro-batch's router loss, weighted by its share of pairs
+                    loss = loss + cfg.router_aux_loss_coef * out.metrics["aux_loss"] * batch.num_examples * scale
+                    out.metrics["aux_loss"] = out.metrics["aux_loss"].detach()
                 accelerator.backward(loss)
             record(stats, out, pol, losses, mode, batch.labels)
             stats.real_tokens += batch.real_tokens

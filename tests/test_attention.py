@@ -75,30 +75,41 @@ def test_without_a_layout_the_call_is_plain_sdpa():
         attention.segment_attention(q, k, v, (((1, 2, (2, 1)),),))
 
 
-def test_sliding_window_longer_than_every_segment_keeps_blocks(monkeypatch):
-    """Mistral passes its sliding window; blocks are used only when no segment exceeds it."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_sliding_window_is_honoured_in_blocks_and_masks(monkeypatch, packing):
+    """Mistral passes its sliding window: with a window shorter than the segments, block attention
+    and the masked SDPA path both equal the model's own forward, one sequence at a time."""
     exs = examples()
     longest = max(len(e.prompt_ids) + sum(map(len, e.completions)) for e in exs)
     calls = []
     real = attention.segment_attention
-    monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(attention, "segment_attention", lambda *a, **k: calls.append(k.get("window")) or real(*a, **k))
     attention.register()
-    for window, used in ((4096, True), (longest - 1, False)):
+    for window in (4096, 6, longest - 1):
         torch.manual_seed(0)
         model = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2,
                                                  intermediate_size=64, sliding_window=window)).eval()
         model.config._attn_implementation = "sdpa"
-        batch = collate(exs, pad_token_id=0)
+        batch = collate(exs, pad_token_id=0, packing=packing)
+        naive = naive_logps(model, exs)
         with torch.no_grad():
-            want = completion_logps(model, batch).logps
+            masked = completion_logps(model, batch).logps
             calls.clear()
             assert attention.use_segment_attention(model)
-            got = completion_logps(model, batch).logps
-        assert bool(calls) == used
-        assert torch.allclose(got, want, atol=1e-5)
-        if window == 4096:
-            assert torch.allclose(got, naive_logps(model, exs), atol=1e-5)
+            blocks = completion_logps(model, batch).logps
+        assert calls and set(calls) == {window}
+        assert torch.allclose(masked, naive, atol=1e-5)
+        assert torch.allclose(blocks, naive, atol=1e-5)
+
+
+def test_window_masks_count_positions_inside_the_sequence():
+    # completion of 3 after a prompt of 4 and 2 other tokens, window 3: sees prompt tokens 2, 3 (positions
+    # 4 - 2 and 4 - 1 back), then itself
+    m = attention._completion_mask(prompt=4, before=2, length=3, device=torch.device("cpu"), window=3)
+    assert m.int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 0, 0],
+                                [0, 0, 0, 1, 0, 0, 1, 1, 0],
+                                [0, 0, 0, 0, 0, 0, 1, 1, 1]]
 
 
 def test_use_segment_attention_only_switches_sdpa_models():

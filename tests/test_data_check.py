@@ -151,6 +151,15 @@ def test_clean_file_exits_0(pref_files, tiny_model_dir, capsys):
     assert "token checks skipped" in out and "clean" in out
 
 
+def test_model_reports_its_fast_paths(pref_files, tiny_model_dir, capsys, cache_dir):
+    code, report = _json(["data", "check", str(pref_files[1]), "--model", str(tiny_model_dir)], capsys)
+    fast = report["fast_paths"]
+    assert code == 0 and fast["architecture"] == "LlamaForCausalLM" and fast["off"] == {}
+    assert "block attention" in fast["on"] and "prefix sharing" in fast["on"]
+    assert cli.main(["data", "check", str(pref_files[1]), "--model", str(tiny_model_dir)]) == 0
+    assert "fast paths for LlamaForCausalLM (float32)" in capsys.readouterr().out
+
+
 def test_without_a_tokenizer_text_checks_still_run(capsys):
     code, report = _json(["data", "check", str(PROBLEMS)], capsys)
     assert code == 1 and report["tokenizer"] is None and "truncation" not in report

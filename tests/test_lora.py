@@ -25,7 +25,7 @@ FAST = dict(batch_size=4, learning_rate=5e-3, lr_scheduler="constant", progress=
 class Capture:
     save_final = True
 
-    def on_train_start(self, *, policy, reference, data, steps, device):
+    def on_train_start(self, *, policy, reference, data, steps, device, fast_paths=None):
         self.policy, self.reference, self.data = policy, reference, data
         self.start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
 

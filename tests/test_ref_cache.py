@@ -30,7 +30,7 @@ class Capture:
 
     save_final = False
 
-    def on_train_start(self, *, policy, reference, data, steps, device):
+    def on_train_start(self, *, policy, reference, data, steps, device, fast_paths=None):
         self.policy, self.reference, self.data = policy, reference, data
 
     def on_step(self, step, micro, metrics):
@@ -218,3 +218,43 @@ def test_sync_formula():
     for p_new, p in zip(ref.parameters(), policy.parameters(), strict=True):
         assert torch.equal(p_new, p)
     assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_a_changed_config_recomputes_and_the_check_is_cached(tiny_model_dir, pref_files, tmp_path, capsys):
+    """The key covers the model's config (here the norm epsilon, which the weights do not show), and the
+    fast-path check's decision is cached beside the reference log-probs."""
+    import json
+    import shutil
+
+    cache = tmp_path / "cache"
+    run(tiny_model_dir, pref_files, tmp_path / "a", cache)
+    first = capsys.readouterr().out
+    assert "[checked in" in first and len(list((cache / "fastpath").glob("*.json"))) == 1
+    run(tiny_model_dir, pref_files, tmp_path / "b", cache)
+    second = capsys.readouterr().out
+    assert "[cached]" in second and "loaded from cache" in second
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-2
+    (changed / "config.json").write_text(json.dumps(config))
+    run(changed, pref_files, tmp_path / "c", cache)
+    third = capsys.readouterr().out
+    assert "[checked in" in third and "computed and cached" in third
+    assert len(cache_files(cache)) == 2
+
+
+def test_buffers_outside_the_state_dict_are_hashed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt.reference import hash_buffers
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    before = hash_buffers(model)
+    assert before == hash_buffers(model)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.mul_(2)  # rotary frequencies, not saved with the weights
+    assert hash_buffers(model) != before and hash_weights(model) == hash_weights(model)

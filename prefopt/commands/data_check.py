@@ -382,6 +382,11 @@ def print_table(report: dict[str, Any], file=None) -> None:
             console.print("\nexample as the model sees it; [...] = prompt, masked (no loss); "
                           "«...» = completion, trained:", markup=False)
             console.print(report["example"]["rendered"], markup=False)
+    fast = report.get("fast_paths")
+    if fast is not None:
+        console.print(fast.get("summary") or f"fast-path check skipped: {fast['skipped']}", markup=False)
+        for label, why in fast.get("off", {}).items():
+            console.print(f"  {label}: {why}", markup=False)
     verdict = ("[green]clean[/green]" if report["clean"] else
                f"[red]{report['errors']} error(s)[/red]") + f", {report['warnings']} warning(s)"
     console.print(verdict)
@@ -404,7 +409,8 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                    "directory or a hub name")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--tokenizer", help="tokenizer for the token checks (directory or hub name)")
-    who.add_argument("--model", help="model whose tokenizer to use for the token checks")
+    who.add_argument("--model", help="model whose tokenizer to use for the token checks; also reports which of "
+                     "prefopt's fast paths the model gets on these rows")
     p.add_argument("--max-length", type=int, default=FIELDS["max_length"].default,
                    help="max tokens of prompt + one completion, as in training (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=_optional_int, default=FIELDS["max_prompt_length"].default,
@@ -417,7 +423,34 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--example-line", type=int, default=None, help="render the pair of this line")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="run code shipped with the tokenizer (off unless you trust its author)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="with --model: the dtype to check the fast paths in (default: %(default)s)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="report format")
+
+
+def fast_path_report(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
+    """Which of prefopt's fast paths ``--model`` gets on this file's rows, as training would check them."""
+    from prefopt.config import TrainConfig
+    from prefopt.fastpath import LABELS, ORDER, requested_features
+    from prefopt.inputs import prepare_examples
+    from prefopt.modeling import load_causal_lm
+    from prefopt.train import settle_fast_paths
+
+    cfg = TrainConfig(model=args.model, data=args.file, data_split=args.split, prompt_field=args.prompt_field,
+                      chosen_field=args.chosen_field, rejected_field=args.rejected_field,
+                      max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
+                      on_invalid="skip", trust_remote_code=args.trust_remote_code)
+    try:
+        data = prepare_examples(cfg, tokenizer, "pairs", None)
+    except (DataError, ConfigError) as e:
+        return {"skipped": f"the rows cannot be tokenized for training: {e}"}
+    model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    _, fast = settle_fast_paths(cfg, model, data, tokenizer.pad_token_id, device="cpu",
+                                requested=requested_features(cfg), with_grad=True, split=True)
+    return {"architecture": fast.architecture, "dtype": fast.dtype, "summary": fast.describe(),
+            "on": [LABELS[k] for k in ORDER if fast.features.get(k)],
+            "off": {LABELS[k]: why for k, why in fast.off.items()}, "policy_train_mode": fast.train_mode,
+            "seconds": round(fast.seconds, 2), "cached": fast.cached}
 
 
 @command("data", "inspect preference data without training (prefopt data check FILE)")(_add_args)
@@ -432,6 +465,8 @@ def run(args: argparse.Namespace) -> int:
                         max_prompt_length=args.max_prompt_length, prompt_field=args.prompt_field,
                         chosen_field=args.chosen_field, rejected_field=args.rejected_field, split=args.split,
                         near_duplicate_threshold=args.near_duplicate_threshold, example_line=args.example_line)
+    if args.model and report["pairs"]:
+        report["fast_paths"] = fast_path_report(args, tokenizer)
     if args.format == "json":
         print(json.dumps(report, indent=1, ensure_ascii=False))
     else:
