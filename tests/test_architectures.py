@@ -63,22 +63,27 @@ def fresh(entry, tok):
     return model
 
 
-@pytest.mark.parametrize("entry", archzoo.ENTRIES)
-def test_eval_log_probs_equal_the_models_own_forward(entry, tiny_tokenizer, pairs):
+def checked_and_plain(model, tok, pairs, dtype, with_grad):
+    """(log-probs with the fast paths the check keeps, the model's own forward one sequence at a time, decision)."""
     from test_logprobs import Ex
 
-    model = fresh(entry, tiny_tokenizer)
     if model.config._attn_implementation == "sdpa":
         use_segment_attention(model)
-    examples = [Ex(p, c, i) for i, (p, c) in enumerate(tokenized(pairs, tiny_tokenizer))]
-    fast = decide(model, check_rows(examples), {k: True for k in ORDER}, pad_id=tiny_tokenizer.pad_token_id,
-                  with_grad=False, split=True, chunk_size=1024, device="cpu", dtype=torch.float32)
-    batch = collate(examples, pad_token_id=tiny_tokenizer.pad_token_id, prefix_sharing=fast.features["prefix_sharing"],
+    examples = [Ex(p, c, i) for i, (p, c) in enumerate(tokenized(pairs, tok))]
+    fast = decide(model, check_rows(examples), {k: True for k in ORDER}, pad_id=tok.pad_token_id,
+                  with_grad=with_grad, split=True, chunk_size=1024, device="cpu", dtype=dtype)
+    batch = collate(examples, pad_token_id=tok.pad_token_id, prefix_sharing=fast.features["prefix_sharing"],
                     packing=fast.features["packing"], plain=not fast.features["masks"])
     with torch.no_grad():
         got = completion_logps(model, batch, full_head=not fast.features["fused_head"]).logps
         with plain_model(model):
             want = torch.stack([seq_logp(model, ex.prompt_ids, c) for ex in examples for c in ex.completions])
+    return got, want, fast
+
+
+@pytest.mark.parametrize("entry", archzoo.ENTRIES)
+def test_eval_log_probs_equal_the_models_own_forward(entry, tiny_tokenizer, pairs):
+    got, want, fast = checked_and_plain(fresh(entry, tiny_tokenizer), tiny_tokenizer, pairs, torch.float32, False)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (fast.describe(), (got - want).abs().max().item())
 
 
@@ -159,21 +164,9 @@ BF16 = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM[sliding]", "
 
 @pytest.mark.parametrize("entry", BF16)
 def test_bfloat16_log_probs_and_first_step(entry, tiny_tokenizer, pairs, tmp_path, cache_dir):
-    from test_logprobs import Ex
-
     assert entry in archzoo.ENTRIES
     model = fresh(entry, tiny_tokenizer).to(torch.bfloat16)
-    if model.config._attn_implementation == "sdpa":
-        use_segment_attention(model)
-    examples = [Ex(p, c, i) for i, (p, c) in enumerate(tokenized(pairs, tiny_tokenizer))]
-    fast = decide(model, check_rows(examples), {k: True for k in ORDER}, pad_id=tiny_tokenizer.pad_token_id,
-                  with_grad=True, split=True, chunk_size=1024, device="cpu", dtype=torch.bfloat16)
-    batch = collate(examples, pad_token_id=tiny_tokenizer.pad_token_id, prefix_sharing=fast.features["prefix_sharing"],
-                    packing=fast.features["packing"], plain=not fast.features["masks"])
-    with torch.no_grad():
-        got = completion_logps(model, batch, full_head=not fast.features["fused_head"]).logps
-        with plain_model(model):
-            want = torch.stack([seq_logp(model, ex.prompt_ids, c) for ex in examples for c in ex.completions])
+    got, want, fast = checked_and_plain(model, tiny_tokenizer, pairs, torch.bfloat16, True)
     assert torch.allclose(got, want, rtol=2e-2, atol=0.5), (fast.describe(), (got - want).abs().max().item())
 
     model_dir = save_tiny(fresh(entry, tiny_tokenizer), tiny_tokenizer, tmp_path / "model")
