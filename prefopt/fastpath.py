@@ -69,7 +69,7 @@ LABELS = {
     "block_attention": "block attention",
     "packing": "packing",
     "prefix_sharing": "prefix sharing",
-    "masks": "prefopt's 4-D masks (each sequence runs alone)",
+    "masks": "prefopt's 4-D masks",
 }
 # What cannot stay on when a feature goes: without prefopt's masks nothing is shared, packed or
 # computed block by block, and the head is the model's own (the trim works inside the fused head).
@@ -115,10 +115,12 @@ class FastPaths:
 
     def describe(self) -> str:
         """One line: what runs, and what was switched off."""
-        on = [LABELS[k].split(" (")[0] for k in ORDER if self.features.get(k)]
-        text = f"fast paths for {self.architecture} ({self.dtype}): " + (", ".join(on) if on else "none (plain path)")
+        on = [LABELS[k] for k in ORDER if self.features.get(k)]
+        if not self.features.get("masks"):
+            on.append("the plain path (each sequence alone, the model's own head)")
+        text = f"fast paths for {self.architecture} ({self.dtype}): " + ", ".join(on)
         if self.off:
-            text += "; switched off: " + ", ".join(LABELS[k].split(" (")[0] for k in self.off)
+            text += "; switched off: " + ", ".join(LABELS[k] for k in self.off)
         if not self.train_mode:
             text += "; the policy runs in evaluation mode"
         return text
@@ -382,7 +384,7 @@ def decide(model: torch.nn.Module, rows: Sequence, requested: dict[str, bool], *
             if any(name in IMPLIES_OFF.get(k, ()) for k in off):
                 continue  # it went with another feature, named in that one's line
             implied = [LABELS[k] for k in IMPLIES_OFF.get(name, ()) if initial.get(k)]
-            log.warning("fast-path check (%s, %s): %s %s; switched off%s", arch, _dtype_name(dtype),
+            log.warning("fast-path check (%s, %s): %s: %s; switched off%s", arch, _dtype_name(dtype),
                         LABELS[name], reason, f" (and with it {', '.join(implied)})" if implied else "")
     result = FastPaths(features=current, off=off,
                        train_mode=train_mode or not with_grad, architecture=arch, dtype=_dtype_name(dtype),

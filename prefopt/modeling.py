@@ -100,8 +100,8 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
             if "does not support an attention implementation" not in str(e) or attn_implementation == "eager":
                 raise
             # e.g. Gemma 2 (its attention soft-capping has no SDPA form): the model's own attention instead
-            log.warning("%s: %s has no '%s' attention in transformers; using 'eager' (prefix sharing and "
-                        "packing still apply; block attention needs SDPA)", name,
+            log.warning("%s: %s has no '%s' attention in transformers; using 'eager' (block attention "
+                        "needs SDPA; the fast-path check decides the rest)", name,
                         str(e).split(" does not support")[0], attn_implementation)
             kwargs["attn_implementation"] = "eager"
             model = _from_pretrained(name, kwargs)
