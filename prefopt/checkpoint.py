@@ -53,6 +53,17 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path:
     return path
 
 
+def remove_newer(accelerator, output_dir: str | Path, step: int) -> None:
+    """After resuming from step ``step``, drop this run's checkpoints from later steps: they belong to
+    the run being replaced, and ``--resume latest`` or pruning would otherwise pick them."""
+    if accelerator.is_main_process:
+        for path in list_checkpoints(output_dir):
+            m = _STEP.match(path.name)
+            if m and int(m.group(1)) > step:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / STATE_FILE).read_text())

@@ -584,6 +584,33 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
 # ---------------------------------------------------------------------------- the loop
 
 
+# What fixes the data position of a checkpoint: the order of the examples and how many a step takes.
+RUN_SETTINGS = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "num_processes": "the number of processes",
+                "max_length": "--max-length", "max_prompt_length": "--max-prompt-length", "seed": "--seed",
+                "shuffle": "--shuffle", "data": "the training data (its token ids)"}
+
+
+def run_signature(cfg: TrainConfig, num_processes: int, data: Examples) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (see :func:`check_same_run`)."""
+    return {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": num_processes,
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "seed": cfg.seed,
+            "shuffle": cfg.shuffle, "data": hash_examples(data.train)}
+
+
+def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Refuse a resume whose data position would land elsewhere: a checkpoint counts micro-batches of
+    this batch size, over this many processes, in this order of these examples."""
+    before = saved.get("run")
+    if before is None:  # a checkpoint written before prefopt recorded these
+        return
+    for key, name in RUN_SETTINGS.items():
+        if key in before and before[key] != now[key]:
+            shown = ("changed" if key == "data" else f"was {before[key]!r}, now {now[key]!r}")
+            raise ConfigError(f"--resume {path}: {name} {shown}; the checkpoint's data position would land on "
+                              "other examples. Resume with the checkpoint's settings or start a new run "
+                              "(--overwrite or another --output-dir)")
+
+
 def total_steps(cfg: TrainConfig, n_examples: int, num_processes: int) -> tuple[int, int]:
     """(optimizer steps, micro-batches per process per epoch)."""
     batches = math.ceil(n_examples / cfg.batch_size)
@@ -713,10 +740,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         accelerator.init_trackers("prefopt", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                      for k, v in cfg.to_dict().items()})
 
-    state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+    state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0,
+             "run": run_signature(cfg, accelerator.num_processes, data)}
     metrics_path = out_dir / "metrics.jsonl"
     if cfg.resume is not None:
         path = resume_path
+        check_same_run(ckpt.read_state(path), state["run"], path)
         try:
             accelerator.load_state(str(path))
         except pickle.UnpicklingError:
@@ -730,6 +759,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
             flat_adamw_state(getattr(optimizer, "optimizer", optimizer))  # the loaded state, back in one block
         state.update(ckpt.read_state(path))
         _truncate_metrics(metrics_path, state["step"], accelerator)
+        ckpt.remove_newer(accelerator, out_dir, state["step"])  # they belong to the run being replaced
         accelerator.print(f"resumed from {path} at step {state['step']}")
     elif accelerator.is_main_process:
         metrics_path.write_text("")
@@ -832,10 +862,16 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
             row = _window_row(window, state, per_epoch, scheduler, accelerator, now - last_log)
             last_log = now
             window = StepStats()
-            if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and data.eval and state["step"] != steps:
-                row.update(evaluate(policy, data.eval, ref_eval, cfg, mode, params, accelerator, pad_id))
             _log_row(row, metrics_path, accelerator)
             final_metrics = row
+        if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and data.eval and state["step"] != steps:
+            # on its own cadence, its own row; its time is left out of the next window's tokens/s
+            started = time.perf_counter()
+            eval_row = {"step": state["step"], **evaluate(policy, data.eval, ref_eval, cfg, mode, params,
+                                                          accelerator, pad_id)}
+            _log_row(eval_row, metrics_path, accelerator)
+            final_metrics = {**final_metrics, **eval_row}
+            last_log += time.perf_counter() - started
         if cfg.ref_sync != "none" and state["step"] % cfg.ref_sync_steps == 0:
             ref_train.sync(accelerator.unwrap_model(policy).model, cfg.ref_sync, cfg.ref_sync_alpha)
         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] != steps:

@@ -322,3 +322,31 @@ def test_bco_delta_is_the_running_mean_of_rewards_and_survives_a_resume(tiny_mod
     fixed = tmp_path / "fixed"
     train(cfg_for(tiny_model_dir, pref_files, fixed, max_steps=2, bco_delta=0.25, **common))
     assert not any("bco/delta" in r for r in rows(fixed / "metrics.jsonl"))
+
+
+def test_eval_runs_on_its_own_cadence(tiny_model_dir, pref_files, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, pref_files, out, max_steps=7, logging_steps=4, eval_steps=3, save_steps=None))
+    logged = rows(out / "metrics.jsonl")
+    assert [r["step"] for r in logged if "loss" in r] == [4, 7]
+    assert [r["step"] for r in logged if "eval/loss" in r] == [3, 6, 7]   # 3 and 6 fall between log steps
+    assert all("eval/loss" not in r for r in logged if "loss" in r)
+
+
+def test_resume_refuses_changed_settings_and_drops_newer_checkpoints(tiny_model_dir, pref_files, tmp_path,
+                                                                      cache_dir):
+    from prefopt.errors import ConfigError
+
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, pref_files, out, max_steps=6, save_steps=2, batch_size=4, eval_data=None))
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-2", "step-4", "step-6"]
+    with pytest.raises(ConfigError, match="--batch-size was 4, now 8"):
+        train(cfg_for(tiny_model_dir, pref_files, out, max_steps=6, save_steps=2, batch_size=8, eval_data=None,
+                      resume=str(out / "checkpoints" / "step-2")))
+    with pytest.raises(ConfigError, match="the training data"):
+        train(cfg_for(tiny_model_dir, pref_files, out, max_steps=6, save_steps=2, batch_size=4, eval_data=None,
+                      data=str(pref_files[1]), resume="latest"))
+    train(cfg_for(tiny_model_dir, pref_files, out, max_steps=3, save_steps=2, batch_size=4, eval_data=None,
+                  resume=str(out / "checkpoints" / "step-2")))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
