@@ -545,10 +545,17 @@ def record(stats: StepStats, out: LossOutput, policy: PairLogps, losses: torch.T
         stats.add(name, value.detach().float() * n)
 
 
-def finish_stats(stats: StepStats, accelerator: Accelerator) -> dict[str, float]:
-    """Average the window's sums over all pairs of all processes."""
+def finish_stats(stats: StepStats, accelerator: Accelerator, *, agree_on_names: bool = False) -> dict[str, float]:
+    """Average the window's sums over all pairs of all processes.
+
+    ``agree_on_names``: processes may hold different metrics (one that saw no row holds none), so the
+    names are gathered first and every process reduces a tensor of the same length."""
     names = sorted(stats.sums)
-    local = torch.tensor([stats.pairs, *[stats.sums[k] for k in names]], dtype=torch.float64,
+    if agree_on_names and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = sorted({n for part in gather_object([names]) for n in part})
+    local = torch.tensor([stats.pairs, *[stats.sums.get(k, 0.0) for k in names]], dtype=torch.float64,
                          device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum").tolist()
     pairs = max(total[0], 1.0)
@@ -567,18 +574,26 @@ def finish_stats(stats: StepStats, accelerator: Accelerator) -> dict[str, float]
 @torch.no_grad()
 def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: LossParams, accelerator,
              pad_id: int) -> dict[str, float]:
-    """Loss and reward metrics over held-out examples (each process takes a share)."""
+    """Loss and reward metrics over held-out examples (each process takes a share).
+
+    Every process runs the same number of forwards (each one is a collective under FSDP and ZeRO-3):
+    a process whose share is shorter runs its missing batches on the first example and records none."""
     was_training = model.training
     model.eval()
     stats = StepStats()
     batch_size = cfg.eval_batch_size or cfg.batch_size
-    order = list(range(len(examples)))[accelerator.process_index::accelerator.num_processes]
-    for batch in batches(examples, order, batch_size, pad_id, cfg):
-        batch = batch.to(accelerator.device)
+    n = accelerator.num_processes
+    order = list(range(len(examples)))[accelerator.process_index::n]
+    rounds = math.ceil(math.ceil(len(examples) / n) / batch_size)
+    layout = _collate_fn(examples, pad_id, cfg)
+    for k in range(rounds):
+        chunk = order[k * batch_size:(k + 1) * batch_size]
+        batch = layout(chunk or [0]).to(accelerator.device)
         losses, out, policy = forward_loss(model, batch, reference, cfg, mode, params)
-        record(stats, out, policy, losses, mode, batch.labels)
+        if chunk:
+            record(stats, out, policy, losses, mode, batch.labels)
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in finish_stats(stats, accelerator).items()}
+    return {f"eval/{k}": v for k, v in finish_stats(stats, accelerator, agree_on_names=True).items()}
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -191,6 +192,31 @@ def test_two_processes_on_cpu(tiny_model_dir, pref_files, tmp_path, cache_dir):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses == pytest.approx([m["loss"] for m in rows(single / "metrics.jsonl") if "loss" in m], rel=1e-5)
+
+
+@pytest.mark.parametrize("n_rows", [3, 1])
+def test_uneven_eval_shares_across_processes_do_not_hang(tiny_model_dir, pref_files, tmp_path, cache_dir, n_rows):
+    """Three eval rows over two processes with eval batch 1: the second process has a batch fewer; one
+    row: it has none (and no metric names). It must still take part in every collective, and the
+    metrics equal one process's over the same rows."""
+    out = tmp_path / "ddp"
+    three = write_jsonl(rows(pref_files[1])[:n_rows], tmp_path / "three.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE": str(cache_dir), "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.cli", "train",
+           "--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--eval-data", str(three),
+           "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "1",
+           "--eval-steps", "1", "--logging-steps", "1", "--save-steps", "none", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = tmp_path / "single"
+    train(TrainConfig(model=str(tiny_model_dir), data=str(pref_files[0]), eval_data=str(three),
+                      output_dir=str(single), max_steps=2, batch_size=4, grad_accum=2, eval_batch_size=1,
+                      eval_steps=1, logging_steps=1, save_steps=None, progress=False))
+    ours = [m for m in rows(out / "metrics.jsonl") if "eval/loss" in m]
+    theirs = [m for m in rows(single / "metrics.jsonl") if "eval/loss" in m]
+    assert [m["step"] for m in ours] == [1, 2]
+    assert [m["eval/loss"] for m in ours] == pytest.approx([m["eval/loss"] for m in theirs], rel=1e-5)
 
 
 def test_list_options_take_commas_or_spaces(tmp_path):
