@@ -22,8 +22,9 @@ log = logging.getLogger("prefopt")
 
 @torch.no_grad()
 def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cfg`` carries the fast paths proven for ``model`` (:func:`prefopt.train.settle_fast_paths`)."""
-    """(log-probs, token counts), each [num_examples, num_completions], in example order."""
+    """(log-probs, token counts), each [num_examples, num_completions], in example order.
+
+    ``cfg`` carries the fast paths proven for ``model`` (:func:`prefopt.train.settle_fast_paths`)."""
     model.eval()
     n_comp = len(examples[0].completions)
     logps = torch.zeros(len(examples), n_comp)
