@@ -73,7 +73,8 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "score a preference file with a policy and its reference (no training)")(_eval_args)
 def run_eval(args: argparse.Namespace) -> int:
-    from prefopt.scoring import score_file, write_json
+    from prefopt.atomic import write_json
+    from prefopt.scoring import score_file
 
     flags = _flags(args)
     output = flags.pop("output")
@@ -83,7 +84,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_generation_eval(args, flags, output)
     cfg, _ = build_config(flags, args.config)
     result = score_file(cfg)
-    write_json(result, output)
+    write_json(output, result, indent=1)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
     print(f"wrote {output} ({len(result['per_example'])} examples)")

@@ -39,7 +39,11 @@ class TrainConfig:
     tokenizer: str | None = opt(None, "tokenizer (default: the policy model's)", group="model")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational data (overrides the "
                                     "tokenizer's)", group="model")
-    dtype: str = opt("float32", "weights and compute dtype", ("float32", "bfloat16", "float16"), group="model")
+    dtype: str = opt("float32", "compute dtype; bfloat16/float16 train with float32 master weights and optimizer "
+                     "state under autocast (frozen LoRA/QLoRA bases are stored in it)",
+                     ("float32", "bfloat16", "float16"), group="model")
+    pure_low_precision: bool = opt(False, "store trained weights and optimizer state in --dtype itself (no float32 "
+                                   "master copy): half the memory, but small updates round away", group="model")
     attn_implementation: str = opt("sdpa", "attention kernel; prefix sharing and packing need custom masks",
                                    ("sdpa", "eager"), group="model")
     trust_remote_code: bool = opt(False, "run code shipped with the model (off unless you trust its author)",

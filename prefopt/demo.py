@@ -160,12 +160,13 @@ def sample_judged(model, tok, prompts: list[str], judge, num_samples: int, setti
 def make_preference_pairs(sft_dir: Path, prompts: list[str], settings: DemoSettings, judge, path: Path,
                           seed: int) -> dict[str, Any]:
     """Sample from the SFT model, judge, and write best-worst pairs to ``path``."""
-    from prefopt.generation import make_pairs, mean_and_stderr, write_jsonl_atomic
+    from prefopt.atomic import write_jsonl
+    from prefopt.generation import make_pairs, mean_and_stderr
 
     model, tok = load_model(sft_dir)
     _, samples, rewards = sample_judged(model, tok, prompts, judge, settings.pair_samples, settings, seed)
     rows, skipped = make_pairs(prompts, samples, rewards, "best-worst", seed=seed)
-    write_jsonl_atomic(rows, path)
+    write_jsonl(path, rows)
     mean, _ = mean_and_stderr(rewards)
     gap, _ = mean_and_stderr([r["chosen_score"] - r["rejected_score"] for r in rows] or [0.0])
     return {"pairs": len(rows), "skipped": skipped, "sample_reward_mean": mean, "mean_score_gap": gap}
@@ -251,7 +252,7 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
     import torch
     from rich.console import Console
 
-    from prefopt.generation import write_json_atomic
+    from prefopt.atomic import write_json
     from prefopt.judges import load_judge
     from prefopt.plotting import plot_frontier, plot_runs
 
@@ -349,7 +350,7 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
                                     title="Demo: reward vs KL from the SFT model", reward_label="mean VADER reward")))
     summary["charts"] = charts
     times["total"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(summary, out / "summary.json")
+    write_json(out / "summary.json", summary, indent=1, ensure_ascii=False)
     show(summary, console)
     console.print(f"wrote {out / 'summary.json'} and {len(charts)} charts under {out / 'plots'} "
                   f"({times['total']:.0f} s in all)")

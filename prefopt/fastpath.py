@@ -31,9 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from prefopt.atomic import write_json
 from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.attention import use_plain_attention, use_segment_attention
 from prefopt.batching import PackedBatch, collate, split_rows
@@ -222,11 +221,13 @@ def _weights(n: int) -> torch.Tensor:
 
 
 def measure(model: torch.nn.Module, rows: Sequence, *, pad_id: int, features: dict[str, bool], train_mode: bool,
-            with_grad: bool, split: bool, chunk_size: int, device, one_row: bool = False) -> Probe:
+            with_grad: bool, split: bool, chunk_size: int, device, one_row: bool = False,
+            autocast: torch.dtype | None = None) -> Probe:
     """Token log-probs (and the check's gradients) of ``rows`` with the given fast paths.
 
     The plain path is ``features`` all off: each sequence alone, the model's own head. ``one_row``
-    packs every row into one (the most any segment can be exposed to the others)."""
+    packs every row into one (the most any segment can be exposed to the others). ``autocast``: the
+    run's mixed precision, under which both paths run (accelerate's ``mixed_precision``)."""
     longest = max(len(c) for ex in rows for c in ex.completions)
     plain = not features.get("masks", True)
     capacity = sum(len(ex.prompt_ids) + sum(len(c) for c in ex.completions) for ex in rows) if one_row else None
@@ -240,9 +241,10 @@ def measure(model: torch.nn.Module, rows: Sequence, *, pad_id: int, features: di
     was_training = model.training
     model.train(train_mode)
     lean = features.get("lean_activations") and with_grad
+    amp = torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None)
     try:
         for part in parts:
-            with torch.set_grad_enabled(with_grad), (rebuild_norm_outputs() if lean else contextlib.nullcontext()):
+            with torch.set_grad_enabled(with_grad), amp, (rebuild_norm_outputs() if lean else contextlib.nullcontext()):
                 seq = completion_logps(model, part, chunk_size=chunk_size, full_head=not features.get("fused_head"))
                 # parts renumber their sequences; map back through the dataset index of each example
                 local = _global_seq(batch, part)
@@ -302,8 +304,11 @@ def _with_implications(features: dict[str, bool], name: str, value: bool) -> dic
 
 
 def decide(model: torch.nn.Module, rows: Sequence, requested: dict[str, bool], *, pad_id: int, with_grad: bool,
-           split: bool, chunk_size: int, device, dtype: torch.dtype) -> FastPaths:
-    """Run the check and leave ``model`` patched as decided (see the module docstring)."""
+           split: bool, chunk_size: int, device, dtype: torch.dtype, autocast: torch.dtype | None = None) -> FastPaths:
+    """Run the check and leave ``model`` patched as decided (see the module docstring).
+
+    ``dtype`` is the run's compute dtype (the tolerances follow it); ``autocast`` the mixed precision
+    both paths run under, if any."""
     start = time.perf_counter()
     arch = type(model).__name__
     tol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
@@ -314,7 +319,7 @@ def decide(model: torch.nn.Module, rows: Sequence, requested: dict[str, bool], *
     shortest = sorted(rows, key=lambda ex: len(ex.prompt_ids) + sum(len(c) for c in ex.completions))[:2]
     grad_rows = [replace(ex, prompt_ids=ex.prompt_ids[-GRAD_TOKENS:], completions=[c[:GRAD_TOKENS] for c in
                                                                                   ex.completions]) for ex in shortest]
-    common = dict(pad_id=pad_id, split=split, chunk_size=chunk_size, device=device)
+    common = dict(pad_id=pad_id, split=split, chunk_size=chunk_size, device=device, autocast=autocast)
     with plain_model(model):
         reference = measure(model, rows, features=dict.fromkeys(ORDER, False), train_mode=False, with_grad=False,
                             **common)
@@ -446,28 +451,18 @@ def cached_decide(model: torch.nn.Module, rows: Sequence, requested: dict[str, b
             return result
     result = decide(model, rows, requested, **kwargs)
     if cache_file is not None:
-        _atomic_write_json(result.to_json(), cache_file)
+        write_json(cache_file, result.to_json())
     return result
 
 
-def _atomic_write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def requested_features(cfg, *, sharded: bool = False, recomputing: bool = False) -> dict[str, bool]:
-    """The fast paths a run asks for, from its config (and what its engine allows)."""
+def requested_features(cfg, *, sharded: bool = False, recomputing: bool = False,
+                       zero3: bool = False) -> dict[str, bool]:
+    """The fast paths a run asks for, from its config (and what its engine allows: ZeRO-3 holds the
+    head's weight whole only inside the head module's own forward, so the fused head is off there)."""
     return {
         "lean_activations": cfg.lean_activations and not sharded,
         "trim_last_layer": cfg.trim_last_layer and not (recomputing or sharded),
-        "fused_head": not cfg.full_lm_head,
+        "fused_head": not cfg.full_lm_head and not zero3,
         "block_attention": cfg.block_attention,
         "packing": cfg.packing,
         "prefix_sharing": cfg.prefix_sharing,

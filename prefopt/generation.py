@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,25 +529,3 @@ def generation_eval(*, model: str, ref_model: str, judge: str, prompts: list[Pro
                          "log_ratio": log_ratios[i, k].item()})
     result["per_sample"] = rows if keep_samples is None else rows[:keep_samples]
     return result
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    """Write JSON through a temporary file in the same directory, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def write_jsonl_atomic(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as JSONL through a temporary file, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path

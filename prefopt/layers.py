@@ -29,6 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def autocast_state(t: torch.Tensor) -> tuple[str, torch.dtype, bool]:
+    """Autocast's setting, now, for ``t``'s device. A custom function's forward runs under the
+    caller's autocast, but autograd runs its backward outside any: the forward saves this so the
+    backward can run its products as the forward ran them (``torch.amp.custom_bwd``'s job, for a
+    device known only at run time: these functions serve the CPU and CUDA alike)."""
+    device = t.device.type
+    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
+def autocast_as(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
+    """Autocast set as :func:`autocast_state` found it (off if it was off)."""
+    device, dtype, enabled = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 def _scaled(xf: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm's output from its float32 input and ``1/rms``: one definition for the forward and
     the rebuild in :func:`rebuild_norm_outputs`, so the two are bit-identical by construction."""
@@ -36,7 +51,11 @@ def _scaled(xf: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dtype: t
 
 
 class _RMSNorm(torch.autograd.Function):
-    """``weight * (x / rms(x))``, saving ``x`` and ``1/rms`` only."""
+    """``weight * (x / rms(x))``, saving ``x`` and ``1/rms`` only.
+
+    Nothing here is an op autocast recasts (no matrix product; the float32 steps are explicit
+    casts), so forward and backward compute the same with autocast on or off.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,7 +83,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``down(silu(gate(x)) * up(x))`` for bias-free linears, saving ``x``, ``gate`` and ``up``."""
+    """``down(silu(gate(x)) * up(x))`` for bias-free linears, saving ``x``, ``gate`` and ``up``.
+
+    Under autocast the forward's products run in autocast's dtype (``gate`` and ``up`` are kept
+    in it); the backward's products run under the same autocast, so each takes its operands in
+    the dtype autograd would have saved for it. Gradients come back in the inputs' dtypes.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
@@ -72,6 +96,7 @@ class _SwiGLU(torch.autograd.Function):
         up = F.linear(x, w_up)
         out = F.linear(F.silu(gate) * up, w_down)
         ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up)
+        ctx.autocast = autocast_state(x)
         return out
 
     @staticmethod
@@ -79,18 +104,24 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, w_gate, w_up, w_down, gate, up = ctx.saved_tensors
         need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
-        act = F.silu(gate)
-        g2 = grad.reshape(-1, grad.shape[-1])
-        grad_down = g2.t() @ (act * up).reshape(-1, up.shape[-1]) if need_d else None
-        d_hidden = grad @ w_down                                   # d(loss)/d(silu(gate) * up)
-        d_up = d_hidden * act
-        del act
-        d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # autograd's own silu derivative
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_gate = d_gate.reshape(-1, d_gate.shape[-1]).t() @ x2 if need_g else None
-        grad_up = d_up.reshape(-1, d_up.shape[-1]).t() @ x2 if need_u else None
-        grad_x = (d_gate @ w_gate).add_(d_up @ w_up) if need_x else None
-        return grad_x, grad_gate, grad_up, grad_down
+        with autocast_as(ctx.autocast):
+            act = F.silu(gate)
+            g2 = grad.reshape(-1, grad.shape[-1])
+            grad_down = g2.t() @ (act * up).reshape(-1, up.shape[-1]) if need_d else None
+            d_hidden = grad @ w_down                                   # d(loss)/d(silu(gate) * up)
+            d_up = d_hidden * act
+            del act
+            d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # autograd's own silu derivative
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_gate = d_gate.reshape(-1, d_gate.shape[-1]).t() @ x2 if need_g else None
+            grad_up = d_up.reshape(-1, d_up.shape[-1]).t() @ x2 if need_u else None
+            grad_x = (d_gate @ w_gate).add_(d_up @ w_up) if need_x else None
+        return _in_dtypes((grad_x, grad_gate, grad_up, grad_down), (x, w_gate, w_up, w_down))
+
+
+def _in_dtypes(grads, inputs) -> tuple:
+    """Each gradient in its input's dtype (a product under autocast gives its own)."""
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
 def _plain_linear(m) -> bool:

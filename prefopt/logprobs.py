@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.batching import PackedBatch
-from prefopt.layers import trimmed_mlp
+from prefopt.layers import autocast_as, autocast_state, trimmed_mlp
 from prefopt.moe import load_balancing_loss, moe_routing, router_logits_from
 
 
@@ -273,11 +273,19 @@ class _HeadLogps(torch.autograd.Function):
     chunk's logits (a ``[chunk, hidden] x [hidden, vocab]`` product). Every other chunk keeps
     only its inputs and log-sum-exp and recomputes its logits in the backward. The head must
     be a plain bias-free linear layer.
+
+    Under autocast the head's product runs in autocast's dtype, as the model's own head would,
+    and the log-softmax in float32. The backward runs under the same autocast: a recomputed
+    chunk gets the very logits its log-sum-exp was taken from (float32 logits against a
+    bfloat16 log-sum-exp put every probability off by its logit's rounding error), and the
+    softmax gradient is rounded to the logits' dtype, as autograd through ``.float()`` does.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: bool) -> torch.Tensor:
-        logits = F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        ctx.logits_dtype, ctx.autocast = logits.dtype, autocast_state(hidden)
+        logits = logits.float()
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
         top = logits.amax(-1, keepdim=True)
         probs = logits.sub_(top).exp_()                 # in place: exp(logits - max)
@@ -292,14 +300,15 @@ class _HeadLogps(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None                      # used up in place below
-        if kept is None:
-            g = F.linear(hidden, weight).float().sub_(lse[:, None]).exp_().mul_(-grad[:, None])
-        else:
-            g = kept[0].mul_((-grad / kept[1])[:, None])
-        g.scatter_add_(-1, targets[:, None], grad[:, None])
-        g = g.to(weight.dtype)
-        grad_hidden = g @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
+        with autocast_as(ctx.autocast):
+            if kept is None:
+                g = F.linear(hidden, weight).float().sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+            else:
+                g = kept[0].mul_((-grad / kept[1])[:, None])
+            g.scatter_add_(-1, targets[:, None], grad[:, None])
+            g = g.to(ctx.logits_dtype)
+            grad_hidden = (g @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (g.t() @ hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None
 
 
@@ -410,6 +419,10 @@ class CompletionLogpsModel(torch.nn.Module):
         self.chunk_size = chunk_size
         self.full_head = full_head
         self.router_aux = router_aux
+        # FSDP's transformer-based wrap policy looks for layer classes on the module it wraps: this one
+        from prefopt.sharding import no_split_modules
+
+        self._no_split_modules = no_split_modules(model)
 
     def forward(self, batch: PackedBatch, with_wpo: bool = False) -> SeqLogps:
         return completion_logps(self.model, batch, chunk_size=self.chunk_size, full_head=self.full_head,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prefopt.atomic import atomic_path
 from prefopt.batching import PackedBatch, split_rows
 
 # (model, batch) -> per-sequence log-probs [num_seqs] (after any LD-DPO transform)
@@ -100,34 +100,61 @@ class CachedReference:
         disable_adapter: bool = False,
         device: torch.device | str = "cpu",
         progress: Callable[[int], None] | None = None,
+        split: bool = True,
+        forwards: int = 0,
+        filler: PackedBatch | None = None,
+        gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        write: bool = True,
+        hit: bool | None = None,
     ) -> tuple["CachedReference", bool]:
         """Load the table from ``cache_file`` if present, else compute it (and save it).
 
-        Returns the reference and whether it came from the cache.
+        Returns the reference and whether it came from the cache. Over several processes each
+        scores its share of ``batches``: ``gather`` joins the (index, values) of every process,
+        ``hit`` is the main process's view of the cache (all must agree, or some would wait in a
+        collective forever), ``write`` says whether this process saves the file. Under engines whose
+        forwards are collectives (FSDP, ZeRO-3) ``split`` is off and ``filler`` is run until
+        ``forwards`` forwards are done, so that every process runs as many.
         """
-        if cache_file is not None and cache_file.exists():
+        if hit is None:
+            hit = cache_file is not None and cache_file.exists()
+        if hit:
             try:
                 table = load_file(str(cache_file))["logps"]
             except (SafetensorError, KeyError, OSError):  # damaged or foreign file: recompute and replace it
                 table = None
             if table is not None and table.shape == (num_examples, num_completions):
                 return cls(table), True
-        table = torch.full((num_examples, num_completions), float("nan"))
+            if gather is not None:
+                raise RuntimeError(f"{cache_file}: the reference cache is unreadable or of another shape on this "
+                                   "process; remove it and rerun")
+        indices, values = [], []
         was_training = model.training
         model.eval()
         ctx = model.disable_adapter() if disable_adapter else nullcontext()
+        done = 0
         with torch.no_grad(), ctx:
             for batch in batches:
                 batch = batch.to(device)
-                for part in split_rows(batch):  # row by row: no forward over padding
-                    values = score(model, part).float().cpu().reshape(-1, num_completions)
-                    table[part.example_index.cpu()] = values
+                for part in (split_rows(batch) if split else [batch]):  # row by row: no forward over padding
+                    values.append(score(model, part).float().cpu().reshape(-1, num_completions))
+                    indices.append(part.example_index.cpu())
+                    done += 1
                 if progress:
                     progress(batch.num_examples)
+            while done < forwards:  # the same number of collective forwards as every other process
+                score(model, filler.to(device))
+                done += 1
         model.train(was_training)
+        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+        value = torch.cat(values) if values else torch.zeros(0, num_completions)
+        if gather is not None:
+            index, value = gather(index, value)
+        table = torch.full((num_examples, num_completions), float("nan"))
+        table[index] = value
         if torch.isnan(table).any():
             raise RuntimeError("reference pass left examples without log-probs")
-        if cache_file is not None:
+        if cache_file is not None and write:
             atomic_save_tensors({"logps": table}, cache_file)
         return cls(table), False
 
@@ -156,17 +183,21 @@ class ModelReference:
 
 
 class AdapterDisabledReference:
-    """LoRA: the policy's own base weights with its adapters switched off."""
+    """LoRA: the policy's own base weights with its adapters switched off.
 
-    def __init__(self, model: torch.nn.Module, score: SeqScorer):
+    ``model`` is what the loop calls (the policy as accelerate prepared it: under FSDP only the
+    wrapped root gathers the weights), ``adapters`` the peft model inside it that switches them."""
+
+    def __init__(self, model: torch.nn.Module, score: SeqScorer, adapters: torch.nn.Module | None = None):
         self.model = model
         self.score = score
+        self.adapters = adapters if adapters is not None else model
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        with self.model.disable_adapter():
+        with self.adapters.disable_adapter():
             out = self.score(self.model, batch)
         self.model.train(was_training)
         return out
@@ -182,12 +213,5 @@ def cache_key(weights_digest: str, examples_digest: str, extra: dict) -> str:
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))

@@ -1,9 +1,7 @@
 """Score a preference file with a policy and a reference, without training (`prefopt eval`)."""
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,11 +90,3 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
         row["loss"] = out.losses[i].item()
         result["per_example"].append(row)
     return result
-
-
-def write_json(obj: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

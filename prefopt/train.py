@@ -24,10 +24,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from torch.utils.data import DataLoader
 from safetensors import SafetensorError
 
 from prefopt import checkpoint as ckpt
+from prefopt.atomic import atomic_path
+from prefopt.atomic import write_text as atomic_write_text
 from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
@@ -77,7 +78,9 @@ from prefopt.reference import (
     hash_buffers,
     hash_examples,
     hash_weights,
+    _hash_tensors,
 )
+from prefopt.sharding import fill_engine_config, gathered_state_dict, named_tensors_whole, process_group_handlers, true_dim, whole_model_loading, zero_stage
 
 log = logging.getLogger("prefopt")
 
@@ -183,12 +186,15 @@ def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: Train
     return map(_collate_fn(examples, pad_id, cfg), _chunks(order, batch_size))
 
 
-def _load_reference(cfg: TrainConfig, name: str, device) -> torch.nn.Module:
+def _load_reference(run: "Run", name: str) -> torch.nn.Module:
     """A separate frozen reference model with the run's fast paths (no backward runs through it, so
-    checkpointing and compile do not matter here); :func:`settle_reference` proves them for it."""
-    ref = load_causal_lm(name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                         block_attention=cfg.block_attention, trust_remote_code=cfg.trust_remote_code)
-    ref.to(device)
+    checkpointing and compile do not matter here); :func:`settle_reference` proves them for it. It
+    is stored as the policy's weights are, and scores under the same autocast."""
+    cfg = run.cfg
+    with whole_model_loading(run.accelerator):
+        ref = load_causal_lm(name, dtype=run.weight_dtype, attn_implementation=cfg.attn_implementation,
+                             block_attention=cfg.block_attention, trust_remote_code=cfg.trust_remote_code)
+    ref.to(run.accelerator.device)
     return ref
 
 
@@ -213,106 +219,170 @@ def check_split(cfg: TrainConfig, mode: str, sharded: bool) -> bool:
 
 def settle_fast_paths(cfg: TrainConfig, model: torch.nn.Module, data: Examples, pad_id: int, *, device,
                       requested: dict[str, bool], with_grad: bool, split: bool, weights_digest: str | None = None,
-                      share=None) -> tuple[TrainConfig, FastPaths]:
+                      accelerator=None, autocast: torch.dtype | None = None,
+                      everyone: bool = False) -> tuple[TrainConfig, FastPaths]:
     """Prove the requested fast paths on ``model`` (see :mod:`prefopt.fastpath`), leave it patched as
-    decided, and return the config with the decision in it. ``share`` makes every process take the
-    main one's decision."""
+    decided, and return the config with the decision in it.
+
+    Over several processes the main one checks and the others take its decision (their copies may
+    not even hold the weights yet, as with FSDP's low-memory loading); with ``everyone`` all check
+    (ZeRO-3, where every forward is a collective) and still take the main one's decision."""
+    multi = accelerator is not None and accelerator.num_processes > 1
+    fast = None
+    if not multi or everyone or accelerator.is_main_process:
+        fast = _decide(cfg, model, data, pad_id, device=device, requested=requested, with_grad=with_grad,
+                       split=split, weights_digest=weights_digest, autocast=autocast)
+    if multi:
+        from accelerate.utils import broadcast_object_list
+
+        fast = broadcast_object_list([fast])[0]
+        fast.features = apply_patches(model, fast.features)
+    return replace(cfg, **settings_from(fast.features)), fast
+
+
+def _decide(cfg, model, data, pad_id, *, device, requested, with_grad, split, weights_digest, autocast):
     if not cfg.fast_path_check:
-        fast = FastPaths(features=apply_patches(model, requested), architecture=type(model).__name__,
+        return FastPaths(features=apply_patches(model, requested), architecture=type(model).__name__,
                          dtype=cfg.dtype)
-        return replace(cfg, **settings_from(fast.features)), fast
     rows = check_rows(data.train + data.eval)
+    compute = autocast or DTYPES[cfg.dtype]
     cache_file = None
     if cfg.ref_cache:
         weights_digest = weights_digest or hash_weights(model)
         key = check_key(weights_digest, model, rows, requested, with_grad=with_grad, split=split,
-                        chunk=cfg.lm_head_chunk_size, dtype=cfg.dtype)
+                        chunk=cfg.lm_head_chunk_size, dtype=str(compute), autocast=str(autocast))
         cache_file = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "fastpath" / f"{key}.json"
-    fast = cached_decide(model, rows, requested, cache_file=cache_file, pad_id=pad_id, with_grad=with_grad,
-                         split=split, chunk_size=cfg.lm_head_chunk_size, device=device, dtype=DTYPES[cfg.dtype])
-    if share is not None:
-        fast = share(fast)
-        fast.features = apply_patches(model, fast.features)
-    return replace(cfg, **settings_from(fast.features)), fast
+    return cached_decide(model, rows, requested, cache_file=cache_file, pad_id=pad_id, with_grad=with_grad,
+                         split=split, chunk_size=cfg.lm_head_chunk_size, device=device, dtype=compute,
+                         autocast=autocast)
 
 
 def announce(fast: FastPaths) -> str:
     return fast.describe() + (" [cached]" if fast.cached else f" [checked in {fast.seconds:.1f} s]")
 
 
-def _share(accelerator):
-    """Every process takes the main process's decision (the same rows give the same numbers, but a
-    collective forward must not run in two layouts)."""
-    if accelerator.num_processes == 1:
-        return None
-    from accelerate.utils import broadcast_object_list
+def _amp(score, accelerator):
+    """``score`` under the run's autocast, so a reference computes in the policy's precision."""
 
-    return lambda fast: broadcast_object_list([fast])[0]
+    def scored(model, batch: PackedBatch) -> torch.Tensor:
+        with accelerator.autocast():
+            return score(model, batch)
+
+    return scored
 
 
-def build_reference(cfg, accelerator, policy, tokenizer, data: Examples, mode: str, num_completions: int,
-                    explicit: set[str] = frozenset(), weights_digest: str | None = None):
-    """Return (train_reference, eval_reference) or (None, None) for reference-free training.
+def _policy_score(cfg: TrainConfig, num_completions: int):
+    """(prepared policy, batch) -> per-sequence log-probs, through the engine's own forward: under
+    FSDP and ZeRO-3 only that gathers the weights, and under accelerate's mixed precision it is the
+    forward wrapped in the run's autocast."""
 
-    ``cfg`` carries the policy's proven fast paths; a separate reference model is checked on its own
-    (without gradients) and scores in whatever layout it proves."""
-    if mode == "sft" or not needs_reference(cfg.loss_type, cfg.reference_free):
-        if cfg.ref_model and "ref_model" in explicit:
+    def score(policy, batch: PackedBatch) -> torch.Tensor:
+        return effective_logps(policy(batch), batch, cfg, num_completions)
+
+    return score
+
+
+def build_reference(run: "Run") -> None:
+    """Set ``run.ref_train`` and ``run.ref_eval`` (None for reference-free training).
+
+    Runs after ``accelerator.prepare``: a cached reference of the policy's own starting weights is
+    scored through the prepared policy itself (adapters off, when LoRA was just added), so it is
+    computed in exactly the precision and layout the policy's step 0 is, each process scoring its
+    share; a separate reference model is checked on its own (without gradients) and scores in
+    whatever layout it proves, under the run's autocast."""
+    cfg, accelerator, data = run.cfg, run.accelerator, run.data
+    if run.mode == "sft" or not needs_reference(cfg.loss_type, cfg.reference_free):
+        if cfg.ref_model and "ref_model" in run.explicit:
             log.warning("--ref-model is ignored: %s needs no reference model, so none is loaded",
                         "+".join(cfg.loss_type) + (" with --reference-free" if cfg.reference_free else ""))
-        return None, None
+        return
     separate = cfg.ref_model is not None and cfg.ref_model != cfg.model
-    pad_id = tokenizer.pad_token_id
+    n_comp, pad_id = run.n_comp, run.pad_id
+    fresh_lora = cfg.lora_r > 0 and not run.adapter
     if cfg.ref_cache and cfg.ref_sync == "none":
-        ref, ref_cfg = (settle_reference(cfg, accelerator, data, pad_id) if separate
-                        else (policy, cfg))
-        weights = weights_digest if not separate and weights_digest else hash_weights(ref)
-        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        batch = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
-        extra = {"dtype": cfg.dtype, "ld_alpha": cfg.ld_alpha, "config": config_digest(ref), "env": versions(),
-                 "buffers": hash_buffers(ref), "attn": getattr(ref.config, "_attn_implementation", None),
-                 "fast_paths": settings_from(requested_features(ref_cfg)),
-                 "trim_last_layer": trimmed_mlp(ref) is not None}
-        score = _score_fn(ref_cfg, num_completions)
-        tables = []
-        for examples in (data.train, data.eval):
-            if not examples:
-                tables.append(None)
-                continue
-            key = cache_key(weights, hash_examples(examples), extra)
-            path = cache_root / "ref_logps" / f"{key}.safetensors"
-            with accelerator.main_process_first():
-                table, hit = CachedReference.build(
-                    ref, batches(examples, list(range(len(examples))), batch, pad_id, ref_cfg),
-                    len(examples), num_completions, score, cache_file=path, device=accelerator.device)
-            accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
-                              f"({len(examples)} examples) {path}")
-            tables.append(table)
         if separate:
-            del ref
-        return tables[0], tables[1]
-    if cfg.lora_r > 0 and not separate:
-        live = AdapterDisabledReference(policy, _score_fn(cfg, num_completions))
-        return live, live
+            ref, ref_cfg = settle_reference(run)
+            model, score, weights, extra_model = ref, _amp(_score_fn(ref_cfg, n_comp), accelerator), \
+                hash_weights(ref), ref
+        else:
+            ref_cfg = cfg
+            model, score, weights, extra_model = run.policy, _policy_score(cfg, n_comp), run.weights_digest, \
+                run.base_model
+        extra = {"dtype": cfg.dtype, "weights_dtype": run.weight_dtype, "ld_alpha": cfg.ld_alpha,
+                 "precision": run.precision_label, "config": config_digest(extra_model), "env": versions(),
+                 "buffers": hash_buffers(extra_model), "attn": getattr(extra_model.config, "_attn_implementation", None),
+                 "fast_paths": settings_from(requested_features(ref_cfg)),
+                 "trim_last_layer": trimmed_mlp(extra_model) is not None}
+        adapters_off = run.model.disable_adapter() if fresh_lora and not separate else contextlib.nullcontext()
+        tables = []
+        with adapters_off:
+            for examples in (data.train, data.eval):
+                tables.append(reference_table(run, model, score, examples, ref_cfg, weights, extra,
+                                              collective=run.sharded and not separate) if examples else None)
+        run.ref_train, run.ref_eval = tables
+        return
+    if fresh_lora and not separate:
+        run.ref_train = run.ref_eval = AdapterDisabledReference(run.policy, _policy_score(cfg, n_comp),
+                                                                adapters=run.model)
+        return
     if not separate:
-        live = ModelReference(_load_reference(cfg, cfg.model, accelerator.device), _score_fn(cfg, num_completions))
+        live = ModelReference(_load_reference(run, cfg.model), _amp(_score_fn(cfg, n_comp), accelerator))
         apply_patches(live.model, requested_features(cfg))
-        return live, live
-    ref, ref_cfg = settle_reference(cfg, accelerator, data, pad_id)
-    score = _score_fn(ref_cfg, num_completions)
+        run.ref_train = run.ref_eval = live
+        return
+    ref, ref_cfg = settle_reference(run)
+    score = _amp(_score_fn(ref_cfg, n_comp), accelerator)
     if all(requested_features(ref_cfg)[k] == requested_features(cfg)[k] for k in LAYOUT_FEATURES):
-        live = ModelReference(ref, score)
-        return live, live
+        run.ref_train = run.ref_eval = ModelReference(ref, score)
+        return
     # the reference proved a different layout: it re-lays each batch out from the examples themselves
-    return tuple(ModelReference(ref, _relaid(score, examples, pad_id, ref_cfg)) for examples in (data.train, data.eval))
+    run.ref_train, run.ref_eval = (ModelReference(ref, _relaid(score, examples, pad_id, ref_cfg))
+                                   for examples in (data.train, data.eval))
 
 
-def settle_reference(cfg: TrainConfig, accelerator, data: Examples, pad_id: int):
+def reference_table(run: "Run", model, score, examples, ref_cfg: TrainConfig, weights: str, extra: dict, *,
+                    collective: bool) -> CachedReference:
+    """The reference log-probs of ``examples``, from the cache or computed with each process scoring
+    every N-th batch and all gathering the table. ``collective``: each forward is a collective
+    (FSDP, ZeRO-3), so every process runs as many, whole batches, padded with a filler batch."""
+    cfg, accelerator = run.cfg, run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    key = cache_key(weights, hash_examples(examples), extra)
+    path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "ref_logps" / f"{key}.safetensors"
+    size = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
+    chunks = _chunks(list(range(len(examples))), size)
+    layout = _collate_fn(examples, run.pad_id, ref_cfg)
+    hit = path.exists()
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        hit = broadcast_object_list([hit])[0]  # the main process's view: all must take the same branch
+    table, hit = CachedReference.build(
+        model, map(layout, chunks[rank::world]), len(examples), run.n_comp, score, cache_file=path,
+        device=accelerator.device, split=not collective, forwards=math.ceil(len(chunks) / world) if collective else 0,
+        filler=layout(chunks[0]) if collective else None, gather=_gather_rows if world > 1 else None, write=accelerator.is_main_process, hit=hit)
+    accelerator.wait_for_everyone()  # the file is whole before any process goes on
+    accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
+                      f"({len(examples)} examples) {path}")
+    return table
+
+
+def _gather_rows(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's (example index, log-probs), joined."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(index, values)])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def settle_reference(run: "Run"):
     """Load a separate reference model and prove the run's fast paths on it (no gradients)."""
-    ref = _load_reference(cfg, cfg.ref_model, accelerator.device)
-    ref_cfg, fast = settle_fast_paths(cfg, ref, data, pad_id, device=accelerator.device,
-                                      requested=requested_features(cfg), with_grad=False, split=False,
-                                      share=_share(accelerator))
+    cfg, accelerator = run.cfg, run.accelerator
+    ref = _load_reference(run, cfg.ref_model)
+    ref_cfg, fast = settle_fast_paths(cfg, ref, run.data, run.pad_id, device=accelerator.device,
+                                      requested=requested_features(cfg, zero3=zero_stage(accelerator) == 3),
+                                      with_grad=False, split=False, accelerator=accelerator,
+                                      autocast=run.autocast_dtype)
     accelerator.print("reference " + announce(fast))
     return ref, ref_cfg
 
@@ -352,8 +422,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not weight_decay:
         return [{"params": params, "weight_decay": 0.0}]
-    return [g for g in ({"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
+    # true_dim: ZeRO-3 hands each rank a flat 1-D slice of every weight
+    return [g for g in ({"params": [p for p in params if true_dim(p) >= 2], "weight_decay": weight_decay},
+                        {"params": [p for p in params if true_dim(p) < 2], "weight_decay": 0.0}) if g["params"]]
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -482,7 +553,7 @@ def forward_loss(policy: CompletionLogpsModel, batch: PackedBatch, reference, cf
     """Per-pair losses for one micro-batch (policy forward with grad, reference without).
 
     ``policy`` is the (possibly DDP/FSDP-wrapped) :class:`CompletionLogpsModel`.
-    ``mean_across_processes`` averages KTO's KL estimate over every process's rows.
+    ``mean_across_processes(sum, count)`` averages KTO's KL estimate over every process's rows.
     """
     seq = policy(batch, with_wpo=cfg.wpo_weighting)
     losses, out, pairs = _pair_losses(seq, batch, reference, cfg, mode, params, mean_across_processes)
@@ -506,9 +577,9 @@ def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig,
     if mode == "kto":
         pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
         ref_own, ref_kl = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
-        kl = (pol[:, 1] - (ref_kl if ref_kl is not None else 0.0)).detach().mean()
-        if mean_across_processes is not None:
-            kl = mean_across_processes(kl)
+        terms = (pol[:, 1] - (ref_kl if ref_kl is not None else 0.0)).detach()
+        kl = mean_across_processes(terms.sum(), terms.numel()) if mean_across_processes is not None \
+            else terms.mean()
         out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params, kl=kl)
         return out.losses, out, pairs
     pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
@@ -635,42 +706,112 @@ def total_steps(cfg: TrainConfig, n_examples: int, num_processes: int) -> tuple[
     return max(1, math.ceil(cfg.epochs * per_process / cfg.grad_accum)), per_process
 
 
-class FixedBatches:
-    """A batch sampler that yields precomputed index lists (accelerate shards it across processes)."""
+def _microbatches(examples, cfg: TrainConfig, pad_id: int, accelerator, start_epoch: int, skip: int):
+    """Endless stream of (micro-batch, real) for this process, skipping ``skip`` micro-batches first.
 
-    def __init__(self, chunks: list[list[int]], batch_size: int):
-        self.chunks, self.batch_size, self.drop_last = chunks, batch_size, False
-
-    def __iter__(self):
-        return iter(self.chunks)
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-
-def _microbatches(examples, cfg, pad_id: int, accelerator, start_epoch: int, skip: int):
-    """Endless stream of (epoch, micro-batch) for this process, skipping ``skip`` micro-batches first."""
+    Each epoch's batches are dealt round-robin over the processes (as accelerate's batch sampler
+    shards them). A process whose share runs out before the others' gets a filler batch with
+    ``real`` False: it runs the forward and backward every other process runs (each is a collective
+    under DDP's last micro-batch, FSDP and ZeRO-3) and its loss is multiplied by zero, so nothing is
+    trained twice (accelerate's even batches would repeat the first examples instead)."""
+    layout = _collate_fn(examples, pad_id, cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
     epoch = start_epoch
     while True:
-        order = epoch_order(len(examples), epoch, cfg)
-        loader = DataLoader(range(len(examples)), batch_sampler=FixedBatches(_chunks(order, cfg.batch_size),
-                                                                             cfg.batch_size),
-                            collate_fn=_collate_fn(examples, pad_id, cfg))
-        loader = accelerator.prepare_data_loader(loader)
-        if skip:
-            loader = accelerator.skip_first_batches(loader, skip)
-            skip = 0
-        for batch in loader:
-            yield epoch, batch
+        chunks = _chunks(epoch_order(len(examples), epoch, cfg), cfg.batch_size)
+        mine = chunks[rank::world]
+        for i in range(skip, math.ceil(len(chunks) / world)):
+            real = i < len(mine)
+            yield layout(mine[i] if real else chunks[0]).to(accelerator.device), real
+        skip = 0
         epoch += 1
 
 
-def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = None) -> dict[str, Any]:
-    """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/).
+# ---------------------------------------------------------------------------- the run, in stages
 
-    ``hooks`` (used by ``prefopt bench``) is told when the loop starts (``on_train_start``) and after
-    every optimizer step (``on_step``); with ``hooks.save_final`` false, final/ is not written.
-    """
+
+@dataclass
+class Run:
+    """What the stages of :func:`train` share, filled in stage by stage."""
+
+    cfg: TrainConfig
+    explicit: set[str]
+    mode: str
+    params: LossParams
+    accelerator: Accelerator
+    out_dir: Path
+    resume_path: Path | None
+    weight_dtype: str                       # how the weights are stored (float32 under mixed precision)
+    adapter: bool                           # continuing an existing LoRA adapter
+    tokenizer: Any = None
+    data: Examples | None = None
+    base_model: torch.nn.Module | None = None   # the transformers model, before LoRA
+    model: torch.nn.Module | None = None        # what is trained: the transformers or peft model
+    policy: torch.nn.Module | None = None       # its CompletionLogpsModel, as accelerate prepared it
+    fast: FastPaths | None = None
+    weights_digest: str | None = None
+    ref_train: Any = None
+    ref_eval: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    steps: int = 0
+    per_epoch: int = 0
+    warmup: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def n_comp(self) -> int:
+        return len(self.data.train[0].completions)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: they gather weights in hooks and own the optimizer state."""
+        return self.accelerator.distributed_type in SHARDING_ENGINES
+
+    @property
+    def zero3(self) -> bool:
+        return zero_stage(self.accelerator) == 3
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype accelerate's autocast computes in (None: none); DeepSpeed casts the weights instead."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+
+    @property
+    def precision_label(self) -> str:
+        return f"{self.weight_dtype}/{self.accelerator.mixed_precision}/{self.accelerator.distributed_type}"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+
+def storage(cfg: TrainConfig, adapter: bool) -> tuple[str, str | None]:
+    """(dtype the weights are stored in, the mixed precision to ask accelerate for).
+
+    bfloat16 or float16 training keeps float32 master weights and optimizer state and computes under
+    autocast (the usual recipe): stored in bf16, a weight moves only when the update exceeds about
+    1/256 of it, so at DPO's learning rates almost nothing would. A frozen base (LoRA, QLoRA) needs
+    no master copy and stays in the low dtype; peft keeps the adapters in float32. float32 leaves
+    the choice to the launcher (an accelerate config's ``mixed_precision``)."""
+    if cfg.dtype == "float32":
+        return "float32", None
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}[cfg.dtype]
+    if cfg.pure_low_precision:
+        return cfg.dtype, "no"
+    if cfg.lora_r > 0 or cfg.load_in_4bit or adapter:
+        return cfg.dtype, mixed
+    return "float32", mixed
+
+
+def start(cfg: TrainConfig, explicit: set[str] | None) -> Run:
+    """Check the options, start accelerate, claim the output directory."""
     validate(cfg)
     explicit = set(explicit or ())
     mode = job_mode(cfg)
@@ -683,232 +824,346 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
         raise ConfigError("--model is required: a local model directory or a hub name")
     # an impossible --resume fails before anything is written or loaded
     resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume) if cfg.resume and cfg.output_dir else None
-
-    # gradient_accumulation_steps reaches DeepSpeed's config; the accumulation itself is ours (see the loop)
     check_tracker(cfg.report_to)
+    check_exists(cfg.model, "model")
+    adapter = is_adapter_dir(cfg.model)
+    weight_dtype, mixed = storage(cfg, adapter)
+    # gradient_accumulation_steps reaches DeepSpeed's config; the accumulation itself is ours (see the step)
     accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision=mixed, kwargs_handlers=process_group_handlers(),
                               step_scheduler_with_optimizer=False)  # our step counts are already per process
+    ckpt.check_process_group(accelerator)  # before anything is written: N lone trainers would share one directory
+    fill_engine_config(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    if cfg.pure_low_precision and cfg.dtype != "float32" and cfg.lora_r == 0 and not adapter:
+        log.warning("--pure-low-precision: weights and optimizer state are stored in %s with no float32 copy; an "
+                    "update smaller than about %s of a weight rounds away (at --learning-rate %g most do)",
+                    cfg.dtype, "1/256" if cfg.dtype == "bfloat16" else "1/2048", cfg.learning_rate)
     out_dir = prepare_output_dir(cfg, accelerator)
     set_seed(cfg.seed)
+    return Run(cfg=cfg, explicit=explicit, mode=mode, params=params, accelerator=accelerator, out_dir=out_dir,
+               resume_path=resume_path, weight_dtype=weight_dtype, adapter=adapter)
 
-    check_exists(cfg.model, "model")
-    tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.chat_template)
-    data = prepare_examples(cfg, tokenizer, mode, out_dir if accelerator.is_main_process else None)
-    accelerator.print(f"data: {data.summary}")
-    pad_id = tokenizer.pad_token_id
-    n_comp = len(data.train[0].completions)
 
-    adapter = cfg.model is not None and is_adapter_dir(cfg.model)
+def load_data(run: Run) -> None:
+    cfg = run.cfg
+    run.tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code,
+                                   chat_template=cfg.chat_template)
+    run.data = prepare_examples(cfg, run.tokenizer, run.mode,
+                                run.out_dir if run.accelerator.is_main_process else None)
+    run.accelerator.print(f"data: {run.data.summary}")
+
+
+def load_model(run: Run) -> None:
+    """Load the policy and prove its fast paths (ZeRO-3: after prepare, see :func:`prepare`)."""
+    cfg, accelerator = run.cfg, run.accelerator
     base_name = json.loads((Path(cfg.model) / "adapter_config.json").read_text())["base_model_name_or_path"] \
-        if adapter else cfg.model
-    policy = load_causal_lm(base_name, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                            block_attention=cfg.block_attention,
-                            trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
-    if adapter:
+        if run.adapter else cfg.model
+    model = load_causal_lm(base_name, dtype=run.weight_dtype, attn_implementation=cfg.attn_implementation,
+                           block_attention=cfg.block_attention,
+                           trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    if run.adapter:
         if not cfg.ref_cache and cfg.ref_model is None:
             raise ConfigError("continuing an existing LoRA adapter uses its starting state as the reference, "
                               "which needs the reference cache: drop --no-ref-cache or give --ref-model")
-        policy = load_adapter_model(policy, cfg.model, trainable=True)
-    policy.to(accelerator.device)
-    policy = prepare_kbit(policy, cfg.gradient_checkpointing)  # QLoRA: before the check and the reference
-    sharded = accelerator.distributed_type in SHARDING_ENGINES  # they gather weights and own the optimizer state
-    recomputing = cfg.gradient_checkpointing or cfg.compile  # they bring their own saved-tensor handling
-    # ZeRO-3/FSDP gather weights in sub-module hooks, so no module is patched under them; checkpointing
-    # would recompute the last layer without the trim's row list
-    requested = requested_features(cfg, sharded=sharded, recomputing=recomputing)
-    weights_digest = hash_weights(policy) if cfg.ref_cache and cfg.fast_path_check else None
-    cfg, fast = settle_fast_paths(cfg, policy, data, pad_id, device=accelerator.device, requested=requested,
-                                  with_grad=True, split=check_split(cfg, mode, sharded),
-                                  weights_digest=weights_digest, share=_share(accelerator))
-    accelerator.print(announce(fast))
-    # The reference is settled before LoRA is added: at that point the policy *is* the reference.
-    ref_train, ref_eval = build_reference(cfg, accelerator, policy, tokenizer, data, mode, n_comp, explicit,
-                                          weights_digest=weights_digest)
-    if cfg.lora_r > 0 and not adapter:
-        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
-        if isinstance(ref_train, AdapterDisabledReference):
-            ref_train = ref_eval = AdapterDisabledReference(policy, ref_train.score)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(policy, "enable_input_require_grads"):
-            policy.enable_input_require_grads()
-    if cfg.compile:
-        policy.get_decoder().compile()
-    total, trainable = count_parameters(policy)
-    accelerator.print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained; "
-                      f"reference: {type(ref_train).__name__ if ref_train else 'none (reference-free)'}")
+        model = load_adapter_model(model, cfg.model, trainable=True)
+    if not run.zero3:  # ZeRO-3 placed its slices itself
+        model.to(accelerator.device)
+    model = prepare_kbit(model, cfg.gradient_checkpointing)  # QLoRA: before the check and the reference
+    run.base_model = run.model = model
+    if cfg.ref_cache:
+        run.weights_digest = policy_digest(run, model)
+    if not run.zero3:
+        settle_policy(run, model)
 
-    steps, per_epoch = total_steps(cfg, len(data.train), accelerator.num_processes)
-    model = policy  # the transformers / peft model; `policy` becomes its log-prob wrapper for accelerate
+
+def policy_digest(run: Run, model: torch.nn.Module) -> str:
+    """The starting weights' digest (the cache keys' core), taken where the weights are whole: on the
+    main process (FSDP's low-memory loading leaves the others empty until prepare), or under ZeRO-3
+    on every process, one gathered weight at a time."""
+    accelerator = run.accelerator
+    if run.zero3:
+        return _hash_tensors(named_tensors_whole(model))
+    digest = hash_weights(model) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        digest = broadcast_object_list([digest])[0]
+    return digest
+
+
+def settle_policy(run: Run, model: torch.nn.Module) -> None:
+    cfg = run.cfg
+    recomputing = cfg.gradient_checkpointing or cfg.compile  # they bring their own saved-tensor handling
+    # FSDP/DeepSpeed gather weights in sub-module hooks, so no module is patched under them; checkpointing
+    # would recompute the last layer without the trim's row list. Under ZeRO-3 the check runs without
+    # gradients: its backward would fire the engine's reduce hooks (and no patched module is left there)
+    requested = requested_features(cfg, sharded=run.sharded, recomputing=recomputing, zero3=run.zero3)
+    run.cfg, run.fast = settle_fast_paths(
+        cfg, model, run.data, run.pad_id, device=run.accelerator.device, requested=requested,
+        with_grad=not run.zero3, split=check_split(cfg, run.mode, run.sharded), weights_digest=run.weights_digest,
+        accelerator=run.accelerator, autocast=run.autocast_dtype, everyone=run.zero3)
+    run.accelerator.print(announce(run.fast))
+
+
+def prepare(run: Run) -> None:
+    """LoRA, checkpointing, the optimizer and schedule; accelerate wraps them for its engine."""
+    cfg, accelerator = run.cfg, run.accelerator
+    model = run.model
+    if cfg.lora_r > 0 and not run.adapter:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    run.model = model
+    total, trainable = count_parameters(model)
+    accelerator.print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained")
+    run.steps, run.per_epoch = total_steps(cfg, len(run.data.train), accelerator.num_processes)
     policy = CompletionLogpsModel(model, cfg.lm_head_chunk_size, cfg.full_lm_head,
                                   router_aux=router_aux_wanted(cfg, model))
     optimizer = build_optimizer(cfg, policy)
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
-    scheduler = build_scheduler(cfg, optimizer, warmup, steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if not sharded:
-        flat_adamw_state(getattr(optimizer, "optimizer", optimizer))
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers("prefopt", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                     for k, v in cfg.to_dict().items()})
+    run.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * run.steps)
+    scheduler = build_scheduler(cfg, optimizer, run.warmup, run.steps)
+    run.policy, run.optimizer, run.scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if not run.sharded:
+        flat_adamw_state(getattr(run.optimizer, "optimizer", run.optimizer))
+    if run.zero3:  # the engine now gathers weights in its hooks: the check can run
+        settle_policy(run, model)
+        unwrapped = accelerator.unwrap_model(run.policy)
+        unwrapped.full_head = run.cfg.full_lm_head
 
-    state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0,
-             "run": run_signature(cfg, accelerator.num_processes, data)}
-    metrics_path = out_dir / "metrics.jsonl"
-    if cfg.resume is not None:
-        path = resume_path
-        check_same_run(ckpt.read_state(path), state["run"], path)
-        try:
-            accelerator.load_state(str(path))
-        except pickle.UnpicklingError:
-            raise CheckpointError(f"--resume {path}: cannot load this checkpoint: its optimizer or scheduler state "
-                                  "is damaged or holds more than plain tensors, and prefopt never unpickles arbitrary "
-                                  "objects; resume from an earlier checkpoint directory or start again") from None
-        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
-            raise CheckpointError(f"--resume {path}: cannot load this checkpoint ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if not sharded:
-            flat_adamw_state(getattr(optimizer, "optimizer", optimizer))  # the loaded state, back in one block
-        state.update(ckpt.read_state(path))
-        _truncate_metrics(metrics_path, state["step"], accelerator)
-        ckpt.remove_newer(accelerator, out_dir, state["step"])  # they belong to the run being replaced
-        accelerator.print(f"resumed from {path} at step {state['step']}")
-    elif accelerator.is_main_process:
-        metrics_path.write_text("")
 
-    start_epoch, skip = divmod(state["micro_batches"], per_epoch)
-    stream = _microbatches(data.train, cfg, pad_id, accelerator, start_epoch, skip)
-    progress = _progress(cfg, accelerator, steps, state["step"])
-    policy.train(fast.train_mode)  # eval mode only where the check found training mode random (said in the log)
+def compile_policy(run: Run) -> None:
+    """After the reference pass: that runs without gradients and would compile a second graph."""
+    if run.cfg.compile:
+        run.model.get_decoder().compile()
+
+
+def resume(run: Run) -> None:
+    """Start the trainer state, or load it and the engine's from the checkpoint being resumed."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0,
+                 "run": run_signature(cfg, accelerator.num_processes, run.data)}
+    if cfg.resume is None:
+        if accelerator.is_main_process:
+            run.metrics_path.write_text("")
+        return
+    path = run.resume_path
+    check_same_run(ckpt.read_state(path), run.state["run"], path)
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"--resume {path}: cannot load this checkpoint: its optimizer or scheduler state "
+                              "is damaged or holds more than plain tensors, and prefopt never unpickles arbitrary "
+                              "objects; resume from an earlier checkpoint directory or start again") from None
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"--resume {path}: cannot load this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not run.sharded:
+        flat_adamw_state(getattr(run.optimizer, "optimizer", run.optimizer))  # the loaded state, back in one block
+    run.state.update(ckpt.read_state(path))
+    _truncate_metrics(run.metrics_path, run.state["step"], accelerator)
+    ckpt.remove_newer(accelerator, run.out_dir, run.state["step"])  # they belong to the run being replaced
+    accelerator.print(f"resumed from {path} at step {run.state['step']}")
+
+
+def _kl_mean(accelerator, real: bool):
+    """KTO's KL estimate averaged over every process's rows (a filler batch's count for nothing)."""
+
+    def mean(total: torch.Tensor, count: int) -> torch.Tensor:
+        both = torch.stack([total.float(), torch.tensor(float(count) if real else 0.0, device=total.device)])
+        if not real:
+            both = both * 0
+        both = accelerator.reduce(both, reduction="sum")
+        return both[0] / both[1].clamp_min(1.0)
+
+    return mean
+
+
+def step(run: Run, stream) -> tuple[dict[str, float], StepStats, list[PackedBatch], bool, int]:
+    """One optimizer step over ``grad_accum`` micro-batches: (metrics, sums, parts, applied, pairs).
+
+    The loss is summed over every pair of the accumulated global batch and divided by their number,
+    not averaged per micro-batch. A non-finite loss or gradient skips the update; DeepSpeed steps
+    inside its backward and skips a non-finite update itself, so there the engine is asked."""
+    cfg, accelerator, policy = run.cfg, run.accelerator, run.policy
+    params = run.params
+    if bco_running_delta(cfg):
+        params = replace(params, bco_delta=run.state.get("bco_delta", 0.0))
+    micro = [next(stream) for _ in range(cfg.grad_accum)]
+    local_pairs = torch.tensor(float(sum(b.num_examples for b, real in micro if real)), device=accelerator.device)
+    global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
+    stats = StepStats()
+    parts = [(part, real) for batch, real in micro for part in row_parts(batch, cfg, run.mode, accelerator)]
+    rebuild_norms = cfg.lean_activations and not (cfg.gradient_checkpointing or cfg.compile)
+    for i, (batch, real) in enumerate(parts):
+        # Gradients are all-reduced (DDP) or stepped (DeepSpeed) only after the window's last micro-batch.
+        sync = i == len(parts) - 1
+        accelerator.sync_gradients = sync
+        with accelerator.no_sync(policy) if not sync else contextlib.nullcontext():
+            with rebuild_norm_outputs() if rebuild_norms else contextlib.nullcontext():
+                losses, out, pol = forward_loss(policy, batch, run.ref_train, cfg, run.mode, params,
+                                                _kl_mean(accelerator, real))
+            # Sum over the window's pairs / all pairs of the global batch. DDP averages over processes and
+            # accelerate (or DeepSpeed) divides by grad_accum, so both factors are put back here.
+            scale = accelerator.num_processes * cfg.grad_accum / global_pairs if real else 0.0
+            loss = losses.sum() * scale
+            if "aux_loss" in out.metrics:  # each micro-batch's router loss, weighted by its share of pairs
+                loss = loss + cfg.router_aux_loss_coef * out.metrics["aux_loss"] * batch.num_examples * scale
+                out.metrics["aux_loss"] = out.metrics["aux_loss"].detach()
+            accelerator.backward(loss)
+        if real:
+            record(stats, out, pol, losses, run.mode, batch.labels)
+            stats.real_tokens += batch.real_tokens
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
+                                            cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+    engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if grad_norm is None and hasattr(policy, "get_global_grad_norm"):  # DeepSpeed clips inside its step
+        grad_norm = policy.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics = finish_stats(stats, accelerator, agree_on_names=True)
+    metrics["grad_norm"] = grad_norm
+    if engine_steps:
+        applied = bool(policy.was_step_applied()) and math.isfinite(metrics["loss"])
+    else:
+        applied = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        if applied:
+            run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return metrics, stats, [p for p, _ in parts], applied, int(global_pairs)
+
+
+def after_step(run: Run, metrics: dict[str, float], applied: bool, pairs: int, micro: int) -> None:
+    """Count the step, handle a non-finite one and watch for a policy that does not move."""
+    state, cfg = run.state, run.cfg
+    if bco_running_delta(cfg):
+        metrics["bco/delta"] = state.get("bco_delta", 0.0)
+        if applied:
+            update_bco_delta(state, metrics["bco/reward_mean"])
+    if applied:
+        state["nonfinite_in_a_row"] = 0
+    else:
+        state["nonfinite_steps"] += 1
+        state["nonfinite_in_a_row"] += 1
+        run.accelerator.print(f"step {state['step'] + 1}: non-finite loss or gradient; update skipped "
+                              f"({state['nonfinite_in_a_row']} in a row)")
+    state["step"] += 1
+    state["micro_batches"] += micro
+    state["pairs_seen"] += pairs
+    if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+        raise TrainingError(
+            f"{state['nonfinite_in_a_row']} non-finite steps in a row (step {state['step']}); stopping. "
+            f"The newest checkpoint is the last good state. Lower --learning-rate, use --dtype bfloat16 "
+            f"instead of float16, or check the data; raise --max-nonfinite-steps to tolerate more")
+    if run.mode == "pairs" and applied and abs(metrics["loss"] - math.log(2)) < 1e-4 \
+            and abs(metrics.get("rewards/margins", 0.0)) < 1e-6 and state["step"] > run.warmup:
+        state["ln2_steps"] = state.get("ln2_steps", 0) + 1  # checkpointed: a resume keeps counting
+        if state["ln2_steps"] == 20:
+            log.warning("loss has stayed at ln 2 with zero margins for 20 steps after warmup: the policy is "
+                        "not moving. Likely causes: a learning rate too small for the dtype, all parameters "
+                        "frozen, chosen identical to rejected, or a reference that is the policy itself "
+                        "being updated")
+    else:
+        state["ln2_steps"] = 0
+
+
+def checkpoint(run: Run, window: StepStats | None = None) -> None:
+    """checkpoints/step-N, atomically; a mid-window one carries the window's sums."""
+    saved = dict(run.state)
+    if window is not None:
+        saved["window"] = {"sums": window.sums, "pairs": window.pairs, "real_tokens": window.real_tokens}
+    ckpt.save_checkpoint(run.accelerator, run.out_dir, run.state["step"], saved, run.cfg.save_total_limit)
+
+
+def loop(run: Run, hooks: Any = None) -> dict[str, Any]:
+    """Steps until the last, logging, evaluating, syncing the reference and checkpointing on their
+    cadences; returns the last logged metrics."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    start_epoch, skip = divmod(state["micro_batches"], run.per_epoch)
+    stream = _microbatches(run.data.train, cfg, run.pad_id, accelerator, start_epoch, skip)
+    progress = _progress(cfg, accelerator, run.steps, state["step"])
+    run.policy.train(run.fast.train_mode)  # eval mode only where the check found training mode random (logged)
     if hooks is not None:
-        hooks.on_train_start(policy=model, reference=ref_train, data=data,
-                             steps=steps, device=accelerator.device, fast_paths=fast)
+        hooks.on_train_start(policy=run.model, reference=run.ref_train, data=run.data,
+                             steps=run.steps, device=accelerator.device, fast_paths=run.fast)
     # a checkpoint taken mid logging window carries the window, so the next row averages the same steps
     window = StepStats(**state.pop("window")) if "window" in state else StepStats()
     last_log = time.perf_counter()
     final_metrics: dict[str, Any] = {}
-    bco_running = bco_running_delta(cfg)
-    rebuild_norms = cfg.lean_activations and not recomputing
-
-    while state["step"] < steps:
-        micro = []
-        for _ in range(cfg.grad_accum):
-            _, batch = next(stream)
-            micro.append(batch)
-        local_pairs = torch.tensor(float(sum(b.num_examples for b in micro)), device=accelerator.device)
-        global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
-        stats = StepStats()
-        if bco_running:
-            params = replace(params, bco_delta=state.get("bco_delta", 0.0))
-        parts = [part for batch in micro for part in row_parts(batch, cfg, mode, accelerator)]
-        for i, batch in enumerate(parts):
-            # Gradients are all-reduced (DDP) or stepped (DeepSpeed) only after the window's last micro-batch.
-            sync = i == len(parts) - 1
-            accelerator.sync_gradients = sync
-            with accelerator.no_sync(policy) if not sync else contextlib.nullcontext():
-                with rebuild_norm_outputs() if rebuild_norms else contextlib.nullcontext():
-                    losses, out, pol = forward_loss(policy, batch, ref_train, cfg, mode, params,
-                                                    lambda t: accelerator.reduce(t, reduction="mean"))
-                # Sum over the window's pairs / all pairs of the global batch. DDP averages over processes and
-                # accelerate divides by grad_accum, so both factors are put back here.
-                scale = accelerator.num_processes * cfg.grad_accum / global_pairs
-                loss = losses.sum() * scale
-                if "aux_loss" in out.metrics:  # each micro-batch's router loss, weighted by its share of pairs
-                    loss = loss + cfg.router_aux_loss_coef * out.metrics["aux_loss"] * batch.num_examples * scale
-                    out.metrics["aux_loss"] = out.metrics["aux_loss"].detach()
-                accelerator.backward(loss)
-            record(stats, out, pol, losses, mode, batch.labels)
-            stats.real_tokens += batch.real_tokens
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
-                                                cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
-        if grad_norm is None and hasattr(policy, "get_global_grad_norm"):  # DeepSpeed clips inside its step
-            grad_norm = policy.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        step_metrics = finish_stats(stats, accelerator)
-        step_metrics["grad_norm"] = grad_norm
-        finite = math.isfinite(step_metrics["loss"]) and math.isfinite(grad_norm)
-        if bco_running:
-            step_metrics["bco/delta"] = params.bco_delta
-            if finite:
-                update_bco_delta(state, step_metrics["bco/reward_mean"])
-        if finite:
-            optimizer.step()
-            state["nonfinite_in_a_row"] = 0
-        else:
-            state["nonfinite_steps"] += 1
-            state["nonfinite_in_a_row"] += 1
-            accelerator.print(f"step {state['step'] + 1}: non-finite loss or gradient; update skipped "
-                              f"({state['nonfinite_in_a_row']} in a row)")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
+    while state["step"] < run.steps:
+        metrics, stats, parts, applied, pairs = step(run, stream)
+        after_step(run, metrics, applied, pairs, cfg.grad_accum)
         if hooks is not None:
-            hooks.on_step(state["step"], parts, step_metrics)
-        state["micro_batches"] += len(micro)
-        state["pairs_seen"] += int(global_pairs)
-        if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
-            raise TrainingError(
-                f"{state['nonfinite_in_a_row']} non-finite steps in a row (step {state['step']}); stopping. "
-                f"The newest checkpoint is the last good state. Lower --learning-rate, use --dtype bfloat16 "
-                f"instead of float16, or check the data; raise --max-nonfinite-steps to tolerate more")
-
-        _merge_window(window, stats, step_metrics, finite)
-        if mode == "pairs" and finite and abs(step_metrics["loss"] - math.log(2)) < 1e-4 \
-                and abs(step_metrics.get("rewards/margins", 0.0)) < 1e-6 and state["step"] > warmup:
-            state["ln2_steps"] = state.get("ln2_steps", 0) + 1  # checkpointed: a resume keeps counting
-            if state["ln2_steps"] == 20:
-                log.warning("loss has stayed at ln 2 with zero margins for 20 steps after warmup: the policy is "
-                            "not moving. Likely causes: a learning rate too small for the dtype, all parameters "
-                            "frozen, chosen identical to rejected, or a reference that is the policy itself "
-                            "being updated")
-        else:
-            state["ln2_steps"] = 0
+            hooks.on_step(state["step"], parts, metrics)
+        _merge_window(window, stats, metrics, applied)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
-                                 acc=f"{step_metrics.get('rewards/accuracies', float('nan')):.2f}",
-                                 margin=f"{step_metrics.get('rewards/margins', float('nan')):.3f}")
-
-        if state["step"] % cfg.logging_steps == 0 or state["step"] == steps:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+                                 margin=f"{metrics.get('rewards/margins', float('nan')):.3f}")
+        last = state["step"] == run.steps
+        if state["step"] % cfg.logging_steps == 0 or last:
             now = time.perf_counter()
-            row = _window_row(window, state, per_epoch, scheduler, accelerator, now - last_log)
+            row = _window_row(window, state, run.per_epoch, run.scheduler, accelerator, now - last_log)
             last_log = now
             window = StepStats()
-            _log_row(row, metrics_path, accelerator)
+            _log_row(row, run.metrics_path, accelerator)
             final_metrics = row
-        if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and data.eval and state["step"] != steps:
+        if cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and run.data.eval and not last:
             # on its own cadence, its own row; its time is left out of the next window's tokens/s
             started = time.perf_counter()
-            eval_row = {"step": state["step"], **evaluate(policy, data.eval, ref_eval, cfg, mode, params,
-                                                          accelerator, pad_id)}
-            _log_row(eval_row, metrics_path, accelerator)
-            final_metrics = {**final_metrics, **eval_row}
+            final_metrics = {**final_metrics, **evaluate_and_log(run)}
             last_log += time.perf_counter() - started
         if cfg.ref_sync != "none" and state["step"] % cfg.ref_sync_steps == 0:
-            ref_train.sync(accelerator.unwrap_model(policy).model, cfg.ref_sync, cfg.ref_sync_alpha)
-        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] != steps:
-            saved = dict(state, window={"sums": window.sums, "pairs": window.pairs, "real_tokens": window.real_tokens})
-            ckpt.save_checkpoint(accelerator, out_dir, state["step"], saved, cfg.save_total_limit)
-
+            run.ref_train.sync(accelerator.unwrap_model(run.policy).model, cfg.ref_sync, cfg.ref_sync_alpha)
+        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not last:
+            checkpoint(run, window)
     if progress is not None:
         progress.close()
-    if not final_metrics and metrics_path.exists():  # resumed at the very end: the last logged row stands
-        logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        final_metrics = next((r for r in reversed(logged) if "loss" in r), {})
-    if data.eval:
-        eval_row = {"step": state["step"], **evaluate(policy, data.eval, ref_eval, cfg, mode, params,
-                                                      accelerator, pad_id)}
-        _log_row(eval_row, metrics_path, accelerator)
-        final_metrics.update(eval_row)
-    if cfg.save_steps:
-        ckpt.save_checkpoint(accelerator, out_dir, state["step"], dict(state), cfg.save_total_limit)
-    if hooks is None or getattr(hooks, "save_final", True):
-        save_final(cfg, accelerator, policy, tokenizer, out_dir, final_metrics, data)
-    accelerator.end_training()
     return final_metrics
+
+
+def evaluate_and_log(run: Run) -> dict[str, Any]:
+    row = {"step": run.state["step"], **evaluate(run.policy, run.data.eval, run.ref_eval, run.cfg, run.mode,
+                                                 run.params, run.accelerator, run.pad_id)}
+    _log_row(row, run.metrics_path, run.accelerator)
+    return row
+
+
+def finish(run: Run, final_metrics: dict[str, Any], hooks: Any = None) -> dict[str, Any]:
+    """The last evaluation and checkpoint, and final/."""
+    if not final_metrics and run.metrics_path.exists():  # resumed at the very end: the last logged row stands
+        logged = [json.loads(line) for line in run.metrics_path.read_text().splitlines() if line.strip()]
+        final_metrics = next((r for r in reversed(logged) if "loss" in r), {})
+    if run.data.eval:
+        final_metrics.update(evaluate_and_log(run))
+    if run.cfg.save_steps:
+        checkpoint(run)
+    if hooks is None or getattr(hooks, "save_final", True):
+        save_final(run.cfg, run.accelerator, run.policy, run.tokenizer, run.out_dir, final_metrics, run.data)
+    run.accelerator.end_training()
+    return final_metrics
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = None) -> dict[str, Any]:
+    """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/).
+
+    ``hooks`` (used by ``prefopt bench``) is told when the loop starts (``on_train_start``) and after
+    every optimizer step (``on_step``); with ``hooks.save_final`` false, final/ is not written.
+    """
+    run = start(cfg, explicit)
+    load_data(run)
+    load_model(run)       # and prove its fast paths
+    prepare(run)          # LoRA, optimizer, accelerate's engine
+    build_reference(run)  # through the prepared policy: the precision and layout of its step 0
+    run.accelerator.print(f"reference: {type(run.ref_train).__name__ if run.ref_train else 'none (reference-free)'}")
+    compile_policy(run)
+    resume(run)
+    final_metrics = loop(run, hooks)
+    return finish(run, final_metrics, hooks)
 
 
 def _merge_window(window: StepStats, stats: StepStats, step_metrics: dict[str, float], finite: bool) -> None:
@@ -955,9 +1210,7 @@ def _truncate_metrics(path: Path, step: int, accelerator) -> None:
             return False
 
     kept = [line for line in path.read_text().splitlines() if line.strip() and before(line)]
-    tmp = path.with_name(path.name + ".tmp")  # a kill during the rewrite keeps the old file whole
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))  # a kill during the rewrite keeps the old file
 
 
 def _progress(cfg: TrainConfig, accelerator, steps: int, start: int):
@@ -970,31 +1223,50 @@ def _progress(cfg: TrainConfig, accelerator, steps: int, start: int):
 
 def save_final(cfg: TrainConfig, accelerator, policy, tokenizer, out_dir: Path, metrics: dict[str, Any],
                data: Examples) -> Path:
-    """final/: safetensors weights + tokenizer, loadable with AutoModelForCausalLM, and a model card."""
+    """final/: one ordinary ``save_pretrained`` directory (full weights, a LoRA adapter, or the merged
+    model) + tokenizer and a model card, written atomically by the main process.
+
+    The weights come from ``accelerator.get_state_dict``, which every process calls: under FSDP and
+    ZeRO-3 it gathers the shards (peft's own ``state_dict()`` would be a collective on one rank only).
+    A LoRA merge under those engines is done on a fresh unsharded copy, from the gathered adapters."""
     final = out_dir / "final"
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(policy).model
-    if cfg.merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    state_dict = None
-    if not cfg.merge_lora:  # gathered from every process under FSDP / ZeRO-3
+    if zero_stage(accelerator) == 3:
+        full = gathered_state_dict(accelerator.unwrap_model(policy), keep=accelerator.is_main_process)
+    else:
         full = accelerator.get_state_dict(policy)
-        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+    state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full else None
+    lora = hasattr(model, "peft_config")
+    sharded = accelerator.distributed_type in SHARDING_ENGINES
     if accelerator.is_main_process:
-        tmp = out_dir / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lora and cfg.merge_lora:
+            model = (merged_copy(cfg, accelerator, model, state_dict) if sharded else model.merge_and_unload())
+            state_dict = None if not sharded else model.state_dict()
         try:
-            model.save_pretrained(tmp, safe_serialization=True,
-                                  **({"state_dict": state_dict} if state_dict is not None and cfg.lora_r == 0 else {}))
-            tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(cfg, metrics, data))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            with atomic_path(final, directory=True) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True,
+                                      **({"state_dict": state_dict} if state_dict is not None else {}))
+                tokenizer.save_pretrained(tmp)
+                (tmp / "README.md").write_text(model_card(cfg, metrics, data))
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise ckpt._explain(e, final) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def merged_copy(cfg: TrainConfig, accelerator, peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The base model with the trained adapters merged in, built whole on this process from the
+    gathered weights (the sharded model's own parameters are slices)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    with whole_model_loading(accelerator):  # on this process alone: ZeRO-3's partitioned loading would wait for the others
+        base = load_causal_lm(peft_model.peft_config["default"].base_model_name_or_path or cfg.model,
+                              dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    copy = get_peft_model(base, peft_model.peft_config["default"])
+    adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
+    set_peft_model_state_dict(copy, {k.replace(".default", ""): v for k, v in adapters.items()})
+    return copy.merge_and_unload()
 
 
 def model_card(cfg: TrainConfig, metrics: dict[str, Any], data: Examples) -> str:

@@ -72,7 +72,8 @@ def test_live_reference_is_the_base_with_adapters_disabled(tiny_model_dir, pref_
                                                            count_loads):
     hooks = run(tiny_model_dir, pref_files, tmp_path / "run", cache_dir, ref_cache=False)
     assert isinstance(hooks.reference, AdapterDisabledReference)
-    assert hooks.reference.model is hooks.policy
+    # the adapters it switches off are the policy's own; it scores through the prepared wrapper around them
+    assert hooks.reference.adapters is hooks.policy and hooks.reference.model.model is hooks.policy
     assert count_loads == [str(tiny_model_dir)]  # no second copy of the weights
     base = load_causal_lm(str(tiny_model_dir))
     batch = hooks.last_batch

@@ -69,7 +69,8 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
 
 @command("sample", "sample completions, score them with a judge, write preference pairs")(_sample_args)
 def run_sample(args: argparse.Namespace) -> int:
-    from prefopt.generation import load_prompts, sample_pairs, write_jsonl_atomic
+    from prefopt.atomic import write_jsonl
+    from prefopt.generation import load_prompts, sample_pairs
 
     settings = _settings(args, args.seed, args.max_prompt_length)
     prompts = _limit(load_prompts(args.prompts, prompt_field=args.prompt_field), args.max_prompts)
@@ -77,7 +78,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                  pairing=args.pairing, bt_scale=args.bt_scale, tokenizer=args.tokenizer,
                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                  judge_batch_size=args.judge_batch_size)
-    write_jsonl_atomic(rows, args.output)
+    write_jsonl(args.output, rows)
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items() if n) or "none"
     print(f"{summary['prompts']} prompts x {settings.num_samples} samples: mean score {summary['score_mean']:.4f}; "
           f"{summary['finished_fraction']:.0%} ended with EOS")
@@ -104,7 +105,8 @@ def add_generation_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def run_generation_eval(args: argparse.Namespace, flags: dict, output: str) -> int:
     from prefopt.config import build_config
-    from prefopt.generation import generation_eval, load_prompts, write_json_atomic
+    from prefopt.atomic import write_json
+    from prefopt.generation import generation_eval, load_prompts
 
     if not args.judge:
         raise ConfigError("--generate needs --judge (a reward-model directory, module:function, or 'vader')")
@@ -122,7 +124,7 @@ def run_generation_eval(args: argparse.Namespace, flags: dict, output: str) -> i
                              attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
                              chunk_size=cfg.lm_head_chunk_size, judge_batch_size=args.judge_batch_size)
     result["prompts_source"] = source
-    write_json_atomic(result, output)
+    write_json(output, result, indent=1, ensure_ascii=False)
     print(f"policy reward {result['policy_reward_mean']:.4f} ± {result['policy_reward_stderr']:.4f}  "
           f"reference reward {result['ref_reward_mean']:.4f} ± {result['ref_reward_stderr']:.4f}  "
           f"win rate {result['win_rate']:.3f}  KL {result['kl']:.4f} ± {result['kl_stderr']:.4f}")
