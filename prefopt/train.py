@@ -828,6 +828,7 @@ def start(cfg: TrainConfig, explicit: set[str] | None) -> Run:
     check_exists(cfg.model, "model")
     adapter = is_adapter_dir(cfg.model)
     weight_dtype, mixed = storage(cfg, adapter)
+    _fresh_accelerate_state()
     # gradient_accumulation_steps reaches DeepSpeed's config; the accumulation itself is ours (see the step)
     accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=cfg.output_dir, gradient_accumulation_steps=cfg.grad_accum,
@@ -835,6 +836,10 @@ def start(cfg: TrainConfig, explicit: set[str] | None) -> Run:
                               step_scheduler_with_optimizer=False)  # our step counts are already per process
     ckpt.check_process_group(accelerator)  # before anything is written: N lone trainers would share one directory
     fill_engine_config(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    if cfg.ref_sync != "none" and accelerator.distributed_type in SHARDING_ENGINES:
+        raise ConfigError(f"--ref-sync {cfg.ref_sync}: TR-DPO copies the policy's weights into the reference, which "
+                          f"under {accelerator.distributed_type.value} are slices on each process; it runs under "
+                          "DDP or on one process")
     if cfg.pure_low_precision and cfg.dtype != "float32" and cfg.lora_r == 0 and not adapter:
         log.warning("--pure-low-precision: weights and optimizer state are stored in %s with no float32 copy; an "
                     "update smaller than about %s of a weight rounds away (at --learning-rate %g most do)",
@@ -843,6 +848,18 @@ def start(cfg: TrainConfig, explicit: set[str] | None) -> Run:
     set_seed(cfg.seed)
     return Run(cfg=cfg, explicit=explicit, mode=mode, params=params, accelerator=accelerator, out_dir=out_dir,
                resume_path=resume_path, weight_dtype=weight_dtype, adapter=adapter)
+
+
+def _fresh_accelerate_state() -> None:
+    """accelerate keeps one state per process and refuses a second Accelerator with another mixed
+    precision; a single process that trains several times (a sweep, ``prefopt demo``, the tests)
+    starts each run afresh. Under a launcher the state is the launch's and is kept."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def load_data(run: Run) -> None:
