@@ -220,6 +220,11 @@ def is_adapter_dir(name: str) -> bool:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(all, trained) parameter counts; under ZeRO-3 a parameter is an empty placeholder whose real
+    size is ``ds_numel``."""
+    def size(p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return total, trainable

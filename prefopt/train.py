@@ -842,7 +842,8 @@ def start(cfg: TrainConfig, explicit: set[str] | None) -> Run:
                           "DDP or on one process")
     if cfg.pure_low_precision and cfg.dtype != "float32" and cfg.lora_r == 0 and not adapter:
         log.warning("--pure-low-precision: weights and optimizer state are stored in %s with no float32 copy; an "
-                    "update smaller than about %s of a weight rounds away (at --learning-rate %g most do)",
+                    "update smaller than about %s of a weight rounds away (AdamW's update is about the learning "
+                    "rate, %g, per step: below ~1e-4 most weights never move)",
                     cfg.dtype, "1/256" if cfg.dtype == "bfloat16" else "1/2048", cfg.learning_rate)
     out_dir = prepare_output_dir(cfg, accelerator)
     set_seed(cfg.seed)

@@ -131,7 +131,7 @@ def test_uneven_data_does_not_hang_nor_repeat_examples(tiny_model_dir, pref_file
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["zero2"])  # ZeRO-3 saves through the same engine call (tried: equal too)
 def test_resume_under_deepspeed_equals_the_uninterrupted_run(engine, tiny_model_dir, pref_files, tmp_path):
     args = ["--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--max-steps", "4", "--batch-size", "4",
             "--learning-rate", "5e-3", "--logging-steps", "1", "--save-steps", "2", "--no-progress"]
