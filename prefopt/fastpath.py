@@ -210,12 +210,6 @@ def grad_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in named if layer_of[n] is None or layer_of[n] in keep]
 
 
-def _token_table(batch: PackedBatch, token_logps: torch.Tensor, longest: int) -> torch.Tensor:
-    table = torch.full((batch.num_seqs, longest), float("nan"), dtype=torch.float64)
-    table[batch.token_seq.cpu(), batch.token_pos.cpu()] = token_logps.detach().double().cpu()
-    return table
-
-
 def _weights(n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
 
