@@ -316,6 +316,14 @@ def validate(cfg: TrainConfig) -> None:
              f"got {cfg.max_prompt_length}")
     if cfg.ld_alpha is not None:
         need(0 <= cfg.ld_alpha <= 1, "ld_alpha", f"must be in [0, 1], got {cfg.ld_alpha}")
+    if "kto" in cfg.loss_type:
+        # Both act on a pair (chosen vs rejected); KTO's second completion is only the
+        # mismatched KL partner, so LD would cut the completion at that partner's length
+        # and WPO would weight a row by an unrelated completion.
+        need(cfg.ld_alpha is None, "ld_alpha", "LD-DPO weights the tokens beyond the shorter of a pair's two "
+             "completions; KTO (--loss-type kto) trains unpaired completions, so it cannot be combined with it")
+        need(not cfg.wpo_weighting, "wpo_weighting", "WPO weights chosen/rejected pairs by their probability; "
+             "KTO (--loss-type kto) trains unpaired completions, so it cannot be combined with it")
     if cfg.loss_weights is not None:
         need(len(cfg.loss_weights) == len(cfg.loss_type), "loss_weights",
              f"gives {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")

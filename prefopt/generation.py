@@ -355,7 +355,8 @@ PAIRINGS = ("best-worst", "all", "bradley-terry")
 
 
 def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch.Tensor, pairing: str = "best-worst",
-               *, seed: int = 0, bt_scale: float = 1.0) -> tuple[list[dict], dict[str, int]]:
+               *, seed: int = 0, bt_scale: float = 1.0, keep_truncated: bool = True,
+               ) -> tuple[list[dict], dict[str, int]]:
     """Preference rows from judged samples, and counts of what was skipped.
 
     * ``best-worst``: per prompt, the highest-scored sample over the lowest-scored one.
@@ -366,8 +367,11 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
 
     Pairs of identical texts carry no preference and are skipped, as are score ties in
     the deterministic modes. Empty completions (EOS sampled first) are left out: a
-    preference row needs text on both sides. Rows keep both scores (``chosen_score``,
-    ``rejected_score``).
+    preference row needs text on both sides. Unless ``keep_truncated``, so are samples
+    cut at ``max_new_tokens`` (``finished`` False): training appends EOS to every
+    completion, so a cut sample would teach the model to stop mid-sentence. A prompt
+    left with fewer than 2 usable samples yields no pair (``too_few_samples``). Rows
+    keep both scores (``chosen_score``, ``rejected_score``).
     """
     import random
 
@@ -375,7 +379,7 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
         raise ConfigError(f"--pairing: must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     rng = random.Random(seed)
     rows: list[dict] = []
-    skipped = {"identical": 0, "tied": 0, "empty_samples": 0, "too_few_samples": 0}
+    skipped = {"identical": 0, "tied": 0, "truncated_samples": 0, "empty_samples": 0, "too_few_samples": 0}
 
     def emit(i: int, win: Sample, lose: Sample, s_win: float, s_lose: float, **extra) -> None:
         rows.append({"prompt": prompts[i], "chosen": win.text, "rejected": lose.text, "chosen_score": s_win,
@@ -383,8 +387,10 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
 
     for i, full_row in enumerate(samples):
         all_scores = scores[i].tolist()
-        keep = [k for k, smp in enumerate(full_row) if smp.text.strip()]
-        skipped["empty_samples"] += len(full_row) - len(keep)
+        whole = [k for k, smp in enumerate(full_row) if keep_truncated or smp.finished]
+        skipped["truncated_samples"] += len(full_row) - len(whole)
+        keep = [k for k in whole if full_row[k].text.strip()]
+        skipped["empty_samples"] += len(whole) - len(keep)
         row = [full_row[k] for k in keep]
         s = [all_scores[k] for k in keep]
         if len(row) < 2:
@@ -427,8 +433,13 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
 def sample_pairs(*, model: str, prompts: list[Prompt], judge: str, settings: GenerationSettings,
                  pairing: str = "best-worst", bt_scale: float = 1.0, tokenizer: str | None = None,
                  dtype: str = "float32", attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                 judge_batch_size: int = 16) -> tuple[list[dict], dict[str, Any]]:
-    """`prefopt sample`: generate, judge, pair. Returns the rows and a summary of the run."""
+                 judge_batch_size: int = 16, keep_truncated: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """`prefopt sample`: generate, judge, pair. Returns the rows and a summary of the run.
+
+    Samples cut at ``settings.max_new_tokens`` are left out of the pairs unless
+    ``keep_truncated`` (see :func:`make_pairs`); ``summary["truncated_samples"]`` counts
+    them either way.
+    """
     from prefopt.judges import load_judge
     from prefopt.modeling import load_causal_lm, load_tokenizer
 
@@ -448,11 +459,15 @@ def sample_pairs(*, model: str, prompts: list[Prompt], judge: str, settings: Gen
     samples = generate(policy, tok, prompt_ids, settings)
     del policy
     scores = score_samples(scorer, prompts, samples)
-    rows, skipped = make_pairs(prompts, samples, scores, pairing, seed=settings.seed, bt_scale=bt_scale)
+    rows, skipped = make_pairs(prompts, samples, scores, pairing, seed=settings.seed, bt_scale=bt_scale,
+                               keep_truncated=keep_truncated)
     mean, stderr = mean_and_stderr(scores)
-    summary = {"prompts": len(prompts), "samples": len(prompts) * settings.num_samples, "pairs": len(rows),
+    total = len(prompts) * settings.num_samples
+    finished = sum(s.finished for r in samples for s in r)
+    summary = {"prompts": len(prompts), "samples": total, "pairs": len(rows),
                "skipped": skipped, "score_mean": mean, "score_stderr": stderr,
-               "finished_fraction": sum(s.finished for r in samples for s in r) / (len(prompts) * settings.num_samples)}
+               "finished_fraction": finished / total, "truncated_samples": total - finished,
+               "keep_truncated": keep_truncated}
     return rows, summary
 
 

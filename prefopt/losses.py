@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -889,3 +889,337 @@ def check_loss_options(loss_types: list[str], loss_weights: list[float] | None,
     if "exo_pair" in loss_types and eps == 0:
         warnings.append(f"exo_pair needs --label-smoothing > 0; using {EXO_DEFAULT_EPSILON}")
     return warnings
+
+
+# --------------------------------------------------------------------------- K answers per prompt
+# A batch of P prompts, each with K_p >= 2 answers, padded to [P, Kmax]: ``valid`` [P, Kmax]
+# (bool) marks the real answers; ``pol`` / ``ref`` [P, Kmax] are summed log-probs and
+# ``scores`` [P, Kmax] the answers' scores (higher is better, ties allowed, finite where
+# valid). Values at padded entries are never read (they may be anything, even NaN or inf):
+# they are masked before any arithmetic that could reach the loss or its gradient.
+
+__all__ += [
+    "PAIRINGS", "PAIR_WEIGHTINGS", "KPairs", "KLossOutput", "derive_pairs", "gather_pairs",
+    "reduce_pairs", "k_rewards", "k_pair_loss", "plackett_luce_loss", "kendall_tau_b",
+    "k_reward_metrics",
+]
+
+#: Values accepted by the ``pairing`` argument of :func:`derive_pairs` / :func:`k_pair_loss`.
+PAIRINGS = ("all", "best_vs_rest", "best_vs_worst")
+
+#: Values accepted by the ``weighting`` argument of :func:`derive_pairs` / :func:`k_pair_loss`.
+PAIR_WEIGHTINGS = ("prompt", "pair")
+
+# Pairwise losses whose ``losses[k]`` is a batch quantile rather than pair k's loss: their
+# values cannot be reduced per prompt.
+_NOT_PER_PAIR = frozenset({"aot", "aot_unpaired"})
+
+
+@dataclass
+class KPairs:
+    """Pairs derived from K scored answers per prompt (see :func:`derive_pairs`).
+
+    Pair n compares answer ``chosen[n]`` with answer ``rejected[n]`` of prompt
+    ``prompt[n]``: both are column indices into the [P, Kmax] tensors, so
+    ``x[pairs.prompt, pairs.chosen]`` picks the chosen answers' values. Pairs are ordered
+    by (prompt, chosen, rejected).
+    """
+
+    chosen: Tensor     # [N] long, answer index (column) of the better answer
+    rejected: Tensor   # [N] long, answer index (column) of the strictly worse answer
+    prompt: Tensor     # [N] long, prompt index (row)
+    weight: Tensor     # [N] float32, weight of the pair in its prompt's loss
+    num_pairs: Tensor  # [P] long, number of pairs of each prompt
+
+
+@dataclass
+class KLossOutput:
+    """Result of a K-answer loss.
+
+    ``losses`` [P] is the per-prompt loss (differentiable; 0 where ``has_loss`` is
+    False); ``has_loss`` [P] marks prompts that carry a training signal (at least one
+    pair for :func:`k_pair_loss`, at least two valid answers for
+    :func:`plackett_luce_loss`); average ``losses`` over those. ``rewards`` [P, Kmax]
+    are the detached implicit rewards (0 at padding); ``metrics`` are 0-dim detached
+    scalars (:func:`k_reward_metrics` plus the pairwise losses' own metrics).
+    ``pairs`` / ``pair_losses`` [N] are set by :func:`k_pair_loss` only.
+    """
+
+    losses: Tensor
+    has_loss: Tensor
+    rewards: Tensor
+    metrics: dict[str, Tensor]
+    pairs: KPairs | None = None
+    pair_losses: Tensor | None = None
+
+
+def _check_k(scores: Tensor, valid: Tensor, **others: Tensor | None) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [P, Kmax], got shape {tuple(scores.shape)}")
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool mask, got dtype {valid.dtype}")
+    for name, t in [("valid", valid), *others.items()]:
+        if t is not None and t.shape != scores.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, scores {tuple(scores.shape)}: "
+                             "all K-answer tensors must be [P, Kmax]")
+
+
+def _first_extreme(scores: Tensor, valid: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """Index of the FIRST (lowest-index) valid answer with the max (min) score per prompt,
+    and that score. Prompts without a valid answer get index 0 (the caller masks them)."""
+    fill = -math.inf if largest else math.inf
+    masked = scores.masked_fill(~valid, fill)
+    extreme = masked.max(dim=1).values if largest else masked.min(dim=1).values
+    cols = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    hit = valid & (masked == extreme[:, None])
+    idx = torch.where(hit, cols, scores.shape[1]).min(dim=1).values
+    return idx.clamp(max=scores.shape[1] - 1), extreme
+
+
+def _pair_matrix(scores: Tensor, valid: Tensor, pairing: str) -> Tensor:
+    """[P, Kmax, Kmax] bool: M[p, i, j] when (i, j) is a derived (better, worse) pair."""
+    P, K = scores.shape
+    if pairing == "all":
+        return valid[:, :, None] & valid[:, None, :] & (scores[:, :, None] > scores[:, None, :])
+    best, best_score = _first_extreme(scores, valid, largest=True)
+    rows = torch.arange(P, device=scores.device)
+    if pairing == "best_vs_rest":
+        worse = valid & (scores < best_score[:, None])           # [P, K]
+        m = torch.zeros(P, K, K, dtype=torch.bool, device=scores.device)
+        m[rows, best] = worse
+        return m
+    worst, worst_score = _first_extreme(scores, valid, largest=False)
+    m = torch.zeros(P, K, K, dtype=torch.bool, device=scores.device)
+    m[rows, best, worst] = valid.any(dim=1) & (best_score > worst_score)
+    return m
+
+
+def derive_pairs(scores: Tensor, valid: Tensor, pairing: str = "all",
+                 weighting: str = "prompt") -> KPairs:
+    """Derive (chosen, rejected) pairs from K scored answers per prompt.
+
+    ``pairing``:
+
+    * ``"all"``: every ordered pair (i, j) of valid answers with ``score_i > score_j``
+      (K(K−1)/2 pairs without ties; tied answers form no pair);
+    * ``"best_vs_rest"``: the best answer against each strictly worse valid answer;
+    * ``"best_vs_worst"``: one pair per prompt, the best against the worst answer.
+
+    Ties at the top or the bottom: the best (worst) answer is the FIRST valid answer
+    (lowest column index) with the maximal (minimal) score, a fixed rule; answers tied
+    with it are never paired with it. A prompt whose valid answers all tie gets no pair.
+
+    ``weighting``: ``"prompt"`` (default) gives each pair of a prompt the weight
+    1/(number of pairs of that prompt), so each prompt's loss is the MEAN of its pairs'
+    losses and a prompt with many answers does not dominate the batch; ``"pair"`` gives
+    every pair weight 1 (each prompt's loss is the SUM of its pairs' losses; divide the
+    batch sum by the total number of pairs for a per-pair mean).
+
+    The weights are plain tensors without gradient. Feed the pairs to any pairwise loss
+    with :func:`gather_pairs` and :func:`compute_loss`, then :func:`reduce_pairs`.
+    """
+    _check_k(scores, valid)
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}; expected one of {', '.join(PAIRINGS)}")
+    if weighting not in PAIR_WEIGHTINGS:
+        raise ConfigError(f"unknown pair weighting {weighting!r}; expected one of {', '.join(PAIR_WEIGHTINGS)}")
+    scores = scores.detach()
+    m = _pair_matrix(scores, valid, pairing)
+    prompt, chosen, rejected = m.nonzero(as_tuple=True)
+    num_pairs = m.sum(dim=(1, 2))
+    if weighting == "prompt":
+        weight = 1.0 / num_pairs[prompt].to(torch.float32)
+    else:
+        weight = torch.ones(prompt.shape[0], dtype=torch.float32, device=scores.device)
+    return KPairs(chosen=chosen, rejected=rejected, prompt=prompt, weight=weight, num_pairs=num_pairs)
+
+
+def gather_pairs(pairs: KPairs, logps: Tensor, tokens: Tensor | None = None) -> PairLogps:
+    """The [P, Kmax] log-probs (and token counts, default 1) of the derived pairs, as a
+    :class:`PairLogps` of N pairs (differentiable in ``logps``)."""
+    if tokens is None:
+        tokens = torch.ones_like(logps)
+    tokens = tokens.to(logps.dtype)
+    return PairLogps(chosen=logps[pairs.prompt, pairs.chosen], rejected=logps[pairs.prompt, pairs.rejected],
+                     chosen_tokens=tokens[pairs.prompt, pairs.chosen],
+                     rejected_tokens=tokens[pairs.prompt, pairs.rejected])
+
+
+def reduce_pairs(pair_losses: Tensor, pairs: KPairs, num_prompts: int) -> Tensor:
+    """Per-prompt loss [num_prompts]: ``L_p = Σ_{n: prompt_n = p} weight_n · loss_n``
+    (0 for a prompt without pairs). Differentiable in ``pair_losses``."""
+    if pair_losses.shape != pairs.prompt.shape:
+        raise ValueError(f"{pair_losses.shape[0] if pair_losses.dim() else 0} pair losses for "
+                         f"{pairs.prompt.shape[0]} pairs")
+    out = pair_losses.new_zeros(num_prompts)
+    return out.index_add(0, pairs.prompt, pair_losses * pairs.weight.to(pair_losses.dtype))
+
+
+def _k_ref(pol: Tensor, ref: Tensor | None, params: LossParams) -> Tensor:
+    """Reference log-probs: zeros for reference-free (``ref`` None or
+    ``params.reference_free``)."""
+    if ref is None or params.reference_free:
+        return torch.zeros_like(pol)
+    return ref
+
+
+def k_rewards(pol: Tensor, ref: Tensor | None, valid: Tensor, beta: float) -> Tensor:
+    """Implicit rewards ``β·(log πθ − log πref)`` [P, Kmax] (``β·log πθ`` when ``ref`` is
+    None), 0 at padded entries; differentiable (detach for metrics)."""
+    delta = pol if ref is None else pol - ref
+    return torch.where(valid, beta * delta, torch.zeros_like(delta))
+
+
+def kendall_tau_b(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
+    """Kendall's τ-b between ``x`` and ``y`` over the valid entries of each row, [P].
+
+    ``τ_b = Σ_{i<j} sgn(x_i−x_j)·sgn(y_i−y_j) / sqrt(n_x · n_y)`` with n_x (n_y) the
+    number of pairs i<j NOT tied in x (in y): τ-b, which corrects for ties in either
+    variable (τ-b = 1 for the same ordering, −1 for the reversed one, also with ties
+    that appear in both). Where n_x or n_y is 0 (all of a row's x, or y, tied, or fewer
+    than two valid entries) τ-b is undefined and 0 is returned.
+    """
+    _check_k(y, valid, x=x)
+    x, y = x.detach(), y.detach()
+    both = valid[:, :, None] & valid[:, None, :]
+    sx = torch.sign(x[:, :, None] - x[:, None, :]).masked_fill(~both, 0.0)
+    sy = torch.sign(y[:, :, None] - y[:, None, :]).masked_fill(~both, 0.0)
+    # Ordered pairs count each unordered pair twice in numerator and both counts alike.
+    num = (sx * sy).sum(dim=(1, 2))
+    den = torch.sqrt(sx.abs().sum(dim=(1, 2)) * sy.abs().sum(dim=(1, 2)))
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    n = mask.sum()
+    total = torch.where(mask, x, torch.zeros_like(x)).sum()
+    return total / n.clamp(min=1).to(x.dtype)
+
+
+def k_reward_metrics(rewards: Tensor, scores: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Detached 0-dim reward metrics for K answers per prompt.
+
+    Averaged over the prompts whose valid scores are not all tied (the only ones that say
+    anything about ranking; 0 when there are none):
+
+    * ``rewards/best`` / ``rewards/worst``: the reward of the best (worst) scored answer;
+      when several answers tie for best (worst), the mean of their rewards;
+    * ``rewards/margin``: best − worst, as above;
+    * ``rewards/kendall_tau``: Kendall's τ-b between rewards and scores
+      (:func:`kendall_tau_b`; 0 for a prompt whose rewards all tie, e.g. at step 0 when
+      policy = reference);
+    * ``rewards/pair_accuracy``: per prompt, the fraction of strictly ordered answer
+      pairs (score_i > score_j) with reward_i > reward_j strictly, then averaged.
+    """
+    _check_k(scores, valid, rewards=rewards)
+    rewards, scores = rewards.detach().float(), scores.detach()
+    hi = scores.masked_fill(~valid, -math.inf).max(dim=1).values
+    lo = scores.masked_fill(~valid, math.inf).min(dim=1).values
+    informative = valid.any(dim=1) & (hi > lo)
+
+    def tied_mean(target: Tensor) -> Tensor:
+        sel = valid & (scores == target[:, None])
+        return (torch.where(sel, rewards, torch.zeros_like(rewards)).sum(dim=1)
+                / sel.sum(dim=1).clamp(min=1).to(rewards.dtype))
+
+    best, worst = tied_mean(hi), tied_mean(lo)
+    strict = _pair_matrix(scores, valid, "all")
+    correct = (strict & (rewards[:, :, None] > rewards[:, None, :])).sum(dim=(1, 2))
+    accuracy = correct.to(rewards.dtype) / strict.sum(dim=(1, 2)).clamp(min=1).to(rewards.dtype)
+    tau = kendall_tau_b(rewards, scores, valid)
+    return {
+        "rewards/best": _masked_mean(best, informative),
+        "rewards/worst": _masked_mean(worst, informative),
+        "rewards/margin": _masked_mean(best - worst, informative),
+        "rewards/kendall_tau": _masked_mean(tau, informative),
+        "rewards/pair_accuracy": _masked_mean(accuracy, informative),
+    }
+
+
+def k_pair_loss(pol: Tensor, ref: Tensor | None, scores: Tensor, valid: Tensor, params: LossParams,
+                pairing: str = "all", loss_types: tuple[str, ...] | list[str] = ("sigmoid",),
+                loss_weights: list[float] | None = None, tokens: Tensor | None = None,
+                weighting: str = "prompt") -> KLossOutput:
+    """Any pairwise loss (default DPO, ``sigmoid``) over the pairs derived from K answers.
+
+    Pairs come from :func:`derive_pairs` (``pairing``, ``weighting``); each pair's loss is
+    :func:`compute_loss` (``loss_types``, ``loss_weights``, ``params``; ``tokens`` [P, Kmax]
+    are the completion token counts, default 1, needed by length-normalised losses), and
+    the per-prompt loss is ``L_p = Σ_n w_n·loss_n`` (:func:`reduce_pairs`): by default the
+    mean over the prompt's pairs. For DPO:
+    ``L_p = (1/|S_p|)·Σ_{(i,j)∈S_p} −log σ(r_i − r_j)``, ``r = β(log πθ − log πref)``.
+
+    ``ref`` None means reference-free (reference log-probs 0), as does
+    ``params.reference_free``. ``aot``/``aot_unpaired`` (per-quantile, not per-pair
+    values) and ``kto`` (unpaired) are refused. ``rewards`` follow the first loss's rule
+    (module docstring): ``β·(pol − ref)`` for reference losses, ``β·pol/tokens`` for
+    ``simpo``/``orpo``/``cpo``/``sft``. With K = 2 and distinct scores this is exactly
+    the pairwise loss on that pair.
+    """
+    _check_k(scores, valid, pol=pol, ref=ref, tokens=tokens)
+    loss_types = list(loss_types)
+    bad = [n for n in loss_types if n in _NOT_PER_PAIR or (n in LOSSES and not LOSSES[n].paired)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} cannot be reduced per prompt (per-quantile or unpaired values)")
+    pairs = derive_pairs(scores, valid, pairing, weighting)
+    tok = torch.ones_like(pol) if tokens is None else tokens.to(pol.dtype)
+    ref_eff = _k_ref(pol, ref, params)
+    run_params = params if ref is not None else replace(params, reference_free=True)
+    pair_ref = gather_pairs(pairs, ref_eff, tok) if ref is not None else None
+    out = compute_loss(loss_types, loss_weights, gather_pairs(pairs, pol, tok), pair_ref, run_params)
+    losses = reduce_pairs(out.losses, pairs, scores.shape[0])
+    if LOSSES[loss_types[0]].needs_reference:
+        rewards = k_rewards(pol, ref_eff, valid, params.beta)
+    else:
+        rewards = k_rewards(_avg(pol, tok), None, valid, params.beta)
+    rewards = rewards.detach()
+    metrics = dict(out.metrics)
+    metrics.update(k_reward_metrics(rewards, scores, valid))
+    return KLossOutput(losses=losses, has_loss=pairs.num_pairs > 0, rewards=rewards, metrics=metrics,
+                       pairs=pairs, pair_losses=out.losses)
+
+
+def plackett_luce_loss(pol: Tensor, ref: Tensor | None, scores: Tensor, valid: Tensor,
+                       params: LossParams, normalize: bool = False) -> KLossOutput:
+    """Listwise DPO under the Plackett–Luce model (DPO, arXiv 2305.18290, Appendix A.3).
+
+    With ``r_k = β(log πθ(y_k|x) − log πref(y_k|x))`` and τ the ranking of the prompt's
+    valid answers by score (best first), the per-prompt loss is the negative
+    log-likelihood of the ranking:
+    ``L = −Σ_{k=1..K} [ r_{τ(k)} − log Σ_{j≥k} exp r_{τ(j)} ]`` (the last term is 0).
+
+    Ties (Breslow's convention, as in Cox partial likelihood): each answer i contributes
+    ``log Σ_{j: s_j ≤ s_i} exp r_j − r_i``, its "risk set" holding every valid answer
+    scored no higher, INCLUDING all answers tied with it. Without ties this is exactly
+    the formula above; with ties it is invariant to the order of tied answers (a fixed
+    tie-break would push tied answers apart in an arbitrary direction), it needs no sort,
+    and it stays a proper likelihood (the one in which each tied answer is drawn from the
+    full tied set). Its price: a tie group of size m keeps a floor of about m·log m
+    (the loss no longer reaches 0), and tied answers are pulled towards equal rewards;
+    a prompt whose answers all tie still contributes (towards equal rewards). Use
+    :func:`k_pair_loss` if ties should carry no signal. Efron's correction would be
+    closer to the exact tied likelihood but is not implemented.
+
+    ``normalize`` divides each prompt's loss by (number of valid answers − 1), the number
+    of non-trivial terms, so prompts with many answers do not dominate; the default is
+    the paper's sum. With K = 2 either way it is ``−log σ(r_w − r_l)``, DPO. ``ref`` None
+    (or ``params.reference_free``) means reference-free. ``has_loss``: ≥ 2 valid answers.
+    """
+    _check_k(scores, valid, pol=pol, ref=ref)
+    ref_eff = _k_ref(pol, ref, params)
+    r = k_rewards(pol, ref_eff, valid, params.beta)                     # [P, K], 0 at padding
+    s = scores.detach()
+    K = s.shape[1]
+    eye = torch.eye(K, dtype=torch.bool, device=s.device)
+    # risk[p, i, j]: j is in i's risk set. The diagonal is always kept, so even a padded
+    # row has one finite entry and logsumexp's gradient stays finite.
+    risk = (valid[:, :, None] & valid[:, None, :] & (s[:, None, :] <= s[:, :, None])) | eye
+    lse = torch.logsumexp(r[:, None, :].expand(-1, K, -1).masked_fill(~risk, -math.inf), dim=2)
+    terms = torch.where(valid, lse - r, torch.zeros_like(r))
+    losses = terms.sum(dim=1)
+    n_valid = valid.sum(dim=1)
+    if normalize:
+        losses = losses / (n_valid - 1).clamp(min=1).to(losses.dtype)
+    rewards = r.detach()
+    return KLossOutput(losses=losses, has_loss=n_valid >= 2, rewards=rewards,
+                       metrics=k_reward_metrics(rewards, scores, valid))

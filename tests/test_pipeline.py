@@ -201,7 +201,7 @@ def test_sample_with_callable_judge_then_train_on_the_pairs(tmp_path, tiny_model
     out = tmp_path / "pairs.jsonl"
     code = main(["sample", "--model", str(tiny_model_dir), "--prompts", str(prompts_file), "--num-samples", "4",
                  "--judge", f"{judges}:length", "--output", str(out), "--max-new-tokens", "8", "--batch-size", "16",
-                 "--pairing", pairing, "--seed", "3"])
+                 "--pairing", pairing, "--seed", "3", "--keep-truncated"])
     assert code == 0
     rows = _read_jsonl(out)
     assert rows, "no pairs written"
@@ -228,7 +228,7 @@ def test_sample_with_callable_judge_then_train_on_the_pairs(tmp_path, tiny_model
 
 def test_sample_is_reproducible_for_a_seed(tmp_path, tiny_model_dir, prompts_file, judges):
     args = ["sample", "--model", str(tiny_model_dir), "--prompts", str(prompts_file), "--num-samples", "3",
-            "--judge", f"{judges}:length", "--max-new-tokens", "6", "--pairing", "all"]
+            "--judge", f"{judges}:length", "--max-new-tokens", "6", "--pairing", "all", "--keep-truncated"]
     assert main(args + ["--output", str(tmp_path / "a.jsonl"), "--seed", "1"]) == 0
     assert main(args + ["--output", str(tmp_path / "b.jsonl"), "--seed", "1"]) == 0
     assert main(args + ["--output", str(tmp_path / "c.jsonl"), "--seed", "2"]) == 0
@@ -243,7 +243,7 @@ def test_sample_with_reward_model_judge(tmp_path, tiny_model_dir, prompts_file, 
     out = tmp_path / "pairs.jsonl"
     assert main(["sample", "--model", str(tiny_model_dir), "--prompts", str(prompts_file), "--num-samples", "3",
                  "--judge", str(reward_model_dir), "--output", str(out), "--max-new-tokens", "8",
-                 "--judge-batch-size", "5"]) == 0
+                 "--judge-batch-size", "5", "--keep-truncated"]) == 0
     rows = _read_jsonl(out)
     assert rows
     # The scores kept in the rows are the reward model's scalar on prompt + completion, computed

@@ -60,6 +60,9 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
                              "random with P(y1 > y2) = sigmoid(s1 - s2) (default: best-worst)")
     parser.add_argument("--bt-scale", type=float, default=1.0,
                         help="bradley-terry: P(y1 > y2) = sigmoid(scale * (s1 - s2)) (default: 1.0)")
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="also pair samples cut at --max-new-tokens (by default they are left out: training "
+                             "ends every completion with EOS, which would teach the model to stop mid-sentence)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--max-prompt-length", type=int, default=512, help="prompt tokens kept (default: 512)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -77,15 +80,24 @@ def run_sample(args: argparse.Namespace) -> int:
     rows, summary = sample_pairs(model=args.model, prompts=prompts, judge=args.judge, settings=settings,
                                  pairing=args.pairing, bt_scale=args.bt_scale, tokenizer=args.tokenizer,
                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                 judge_batch_size=args.judge_batch_size)
+                                 judge_batch_size=args.judge_batch_size, keep_truncated=args.keep_truncated)
     write_jsonl(args.output, rows)
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items() if n) or "none"
     print(f"{summary['prompts']} prompts x {settings.num_samples} samples: mean score {summary['score_mean']:.4f}; "
           f"{summary['finished_fraction']:.0%} ended with EOS")
+    cut = summary["truncated_samples"]
+    if cut:
+        what = ("kept (--keep-truncated)" if args.keep_truncated
+                else "left out of the pairs (--keep-truncated keeps them)")
+        print(f"{cut} of {summary['samples']} samples were cut at --max-new-tokens {settings.max_new_tokens}: {what}")
     print(f"wrote {summary['pairs']} pairs ({args.pairing}) to {args.output}; skipped: {skipped}")
     if not rows:
-        print("warning: no pairs: every prompt's samples tied or were identical; sample more or raise the "
-              "temperature")
+        if cut and not args.keep_truncated:
+            print("warning: no pairs: too few samples per prompt ended before --max-new-tokens; raise "
+                  "--max-new-tokens, sample more, or pass --keep-truncated")
+        else:
+            print("warning: no pairs: every prompt's samples tied or were identical; sample more or raise the "
+                  "temperature")
     return 0
 
 

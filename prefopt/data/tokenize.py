@@ -13,6 +13,10 @@ The rules here decide which tokens are trained on, so they are strict:
   special token that the tokenizer's post-processor appends (some add EOS as well as
   BOS) is removed from the prompt, which is not the end of anything.
 * Each completion ends with exactly one EOS (``add_eos``), so the model learns to stop.
+  A conversational completion the chat template already closes with its end-of-turn
+  token (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) ends at that token instead:
+  no second stop token is appended, and whitespace the template writes after it (a
+  newline between turns) is not trained on, since generation stops at the end of turn.
 * Conversations are rendered with the tokenizer's chat template: the prompt with the
   generation prompt, prompt + completion without it; the completion text is what the
   second adds to the first.
@@ -128,7 +132,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any,
     rendered = [_render_texts(p.prompt, [p.chosen, p.rejected], tokenizer, p.source, p.line)
                 for p in pairs]
     return _tokenize(rendered, [p.line for p in pairs], None, tokenizer,
-                     settings or TokenizeSettings())
+                     settings or TokenizeSettings(),
+                     [_templated(p.prompt, [p.chosen, p.rejected]) for p in pairs])
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer: Any,
@@ -138,7 +143,8 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer: Any,
     rendered = [_render_texts(e.prompt, [e.completion], tokenizer, e.source, e.line)
                 for e in examples]
     return _tokenize(rendered, [e.line for e in examples], None, tokenizer,
-                     settings or TokenizeSettings())
+                     settings or TokenizeSettings(),
+                     [_templated(e.prompt, [e.completion]) for e in examples])
 
 
 def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any,
@@ -148,7 +154,8 @@ def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any,
     rendered = [_render_texts(e.prompt, [e.completion], tokenizer, e.source, e.line)
                 for e in examples]
     return _tokenize(rendered, [e.line for e in examples], [e.label for e in examples],
-                     tokenizer, settings or TokenizeSettings())
+                     tokenizer, settings or TokenizeSettings(),
+                     [_templated(e.prompt, [e.completion]) for e in examples])
 
 
 def truncate_ids(prompt_ids: list[int], completions: list[list[int]], max_length: int,
@@ -207,6 +214,11 @@ def render_example(example: TokenizedExample, tokenizer: Any) -> str:
 
 
 # --- rendering ------------------------------------------------------------------------
+
+def _templated(prompt: Value, completions: list[Value]) -> bool:
+    """True when the example is rendered through the chat template (see :func:`_render_texts`)."""
+    return is_messages(prompt) or any(is_messages(c) for c in completions)
+
 
 def _render_texts(prompt: Value, completions: list[Value], tokenizer: Any, source: str,
                   line: int) -> tuple[str, list[str]]:
@@ -285,9 +297,12 @@ def _encode_prompts(tokenizer: Any, texts: list[str], specials: SpecialTokens,
 
 def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
               labels: list[bool] | None, tokenizer: Any, settings: TokenizeSettings,
+              templated: list[bool] | None = None,
               ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Shared path of the three public tokenize functions (see the module docstring)."""
     specials = SpecialTokens.of(tokenizer)
+    turn_end = (_TurnEnd(tokenizer, specials)
+                if settings.add_eos and templated and any(templated) else None)
     if settings.add_eos and specials.eos_id is None:
         raise ModelError("the tokenizer has no EOS token, so completions cannot be ended; "
                          "set one on the tokenizer or turn off add_eos")
@@ -307,7 +322,11 @@ def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
         prompt = prompt_ids[row]
         if any(joined_ids[j] != prompt + completion_ids[j] for j in span):
             stats.boundary_merges += 1
-        comps = [_with_eos(completion_ids[j], specials.eos_id, settings.add_eos) for j in span]
+        closed = ([turn_end.cut(completion_ids[j]) for j in span]
+                  if turn_end is not None and templated is not None and templated[row]
+                  else [None for _ in span])
+        comps = [ids if ids is not None else _with_eos(completion_ids[j], specials.eos_id, settings.add_eos)
+                 for j, ids in zip(span, closed)]
         identical_before = len(comps) == 2 and comps[0] == comps[1]
         prompt, comps, truncated = truncate_ids(prompt, comps, settings.max_length,
                                                 settings.max_prompt_length, specials.bos_id)
@@ -329,6 +348,43 @@ def _with_eos(ids: list[int], eos_id: int | None, add_eos: bool) -> list[int]:
     if not add_eos or eos_id is None or (ids and ids[-1] == eos_id):
         return ids
     return ids + [eos_id]
+
+
+class _TurnEnd:
+    """Finds the end-of-turn token a chat template closes a completion with.
+
+    A rendered conversational completion "ends its turn" when its last token, after any
+    tokens that decode to whitespace only, is a special token of the tokenizer (other than
+    BOS and UNK): ``<|im_end|>`` and a newline for Qwen, ``<|eot_id|>`` for Llama 3,
+    the EOS itself for templates that write it.
+    """
+
+    def __init__(self, tokenizer: Any, specials: SpecialTokens) -> None:
+        ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+        for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+            if getattr(added, "special", False):
+                ids.add(int(tid))
+        ids.discard(specials.bos_id)
+        ids.discard(getattr(tokenizer, "unk_token_id", None))
+        self.special = ids
+        self.tokenizer = tokenizer
+        self._blank: dict[int, bool] = {}
+
+    def blank(self, tid: int) -> bool:
+        if tid not in self._blank:
+            text = self.tokenizer.decode([tid], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False)
+            self._blank[tid] = tid not in self.special and text != "" and not text.strip()
+        return self._blank[tid]
+
+    def cut(self, ids: list[int]) -> list[int] | None:
+        """``ids`` up to and including their closing end-of-turn token, or None if they have none."""
+        end = len(ids)
+        while end and self.blank(ids[end - 1]):
+            end -= 1
+        if end and ids[end - 1] in self.special:
+            return ids[:end]
+        return None
 
 
 def _drop_reason(completions: list[list[int]], identical_before: bool) -> str | None:
