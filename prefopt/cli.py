@@ -110,10 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefopt.runtime import keep_freed_memory, malloc_for_blas_buffers
+    from prefopt.runtime import cpu_tunings
 
-    keep_freed_memory()  # before torch allocates anything large
-    malloc_for_blas_buffers()  # before MKL's first allocation
+    cpu_tunings()  # before torch allocates anything large and before MKL's first allocation; CPU only
     logging.basicConfig(level=os.environ.get("PREFOPT_LOG", "INFO").upper(), format="%(levelname)s %(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -56,3 +56,29 @@ def malloc_for_blas_buffers() -> bool:
         return False
     os.environ["MKL_DISABLE_FAST_MM"] = "1"
     return True
+
+
+def gpu_present() -> bool:
+    """Whether this process may train on a GPU, decided before torch is imported (importing it to ask
+    costs a second, and the allocator settings must come first): a CUDA or ROCm device node that is
+    not hidden by ``CUDA_VISIBLE_DEVICES=""`` or ``ACCELERATE_USE_CPU``. The tunings above are
+    measured on CPU training; on a GPU the host allocator is not where the run's memory goes."""
+    import glob
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+
+
+def cpu_tunings() -> list[str]:
+    """Apply the CPU-only allocator settings when no GPU is present; returns the ones applied."""
+    if gpu_present():
+        return []
+    applied = []
+    if keep_freed_memory():
+        applied.append("malloc keeps freed blocks")
+    if malloc_for_blas_buffers():
+        applied.append("MKL_DISABLE_FAST_MM=1")
+    return applied

@@ -208,3 +208,21 @@ def test_blas_buffers_from_malloc_unless_the_user_chose(monkeypatch):
     assert malloc_for_blas_buffers() and os.environ["MKL_DISABLE_FAST_MM"] == "1"
     monkeypatch.setenv("MKL_DISABLE_FAST_MM", "0")
     assert not malloc_for_blas_buffers() and os.environ["MKL_DISABLE_FAST_MM"] == "0"
+
+
+def test_cpu_allocator_tunings_apply_only_without_a_gpu(monkeypatch):
+    import glob
+
+    from prefopt import runtime
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("PREFOPT_MALLOC", raising=False)
+    monkeypatch.delenv("MKL_DISABLE_FAST_MM", raising=False)
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert runtime.gpu_present() and runtime.cpu_tunings() == []
+    assert "MKL_DISABLE_FAST_MM" not in os.environ
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the GPU is hidden: CPU training
+    assert not runtime.gpu_present()
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: True)
+    assert "MKL_DISABLE_FAST_MM=1" in runtime.cpu_tunings() and os.environ["MKL_DISABLE_FAST_MM"] == "1"
