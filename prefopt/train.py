@@ -347,7 +347,7 @@ def reference_table(run: "Run", model, score, examples, ref_cfg: TrainConfig, we
     (FSDP, ZeRO-3), so every process runs as many, whole batches, padded with a filler batch."""
     cfg, accelerator = run.cfg, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    key = cache_key(weights, hash_examples(examples), extra)
+    key = cache_key(weights, run.digest(examples), extra)
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "ref_logps" / f"{key}.safetensors"
     size = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
     chunks = _chunks(list(range(len(examples))), size)
@@ -676,11 +676,11 @@ RUN_SETTINGS = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "num
                 "shuffle": "--shuffle", "data": "the training data (its token ids)"}
 
 
-def run_signature(cfg: TrainConfig, num_processes: int, data: Examples) -> dict[str, Any]:
+def run_signature(cfg: TrainConfig, num_processes: int, train_digest: str) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (see :func:`check_same_run`)."""
     return {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": num_processes,
             "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "seed": cfg.seed,
-            "shuffle": cfg.shuffle, "data": hash_examples(data.train)}
+            "shuffle": cfg.shuffle, "data": train_digest}
 
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
@@ -758,6 +758,14 @@ class Run:
     per_epoch: int = 0
     warmup: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    digests: dict[int, str] = field(default_factory=dict)
+
+    def digest(self, examples) -> str:
+        """The token ids' digest of the train or eval examples, taken once (the reference cache's key
+        and the resume check both need the training data's)."""
+        if id(examples) not in self.digests:
+            self.digests[id(examples)] = hash_examples(examples)
+        return self.digests[id(examples)]
 
     @property
     def pad_id(self) -> int:
@@ -963,7 +971,7 @@ def resume(run: Run) -> None:
     """Start the trainer state, or load it and the engine's from the checkpoint being resumed."""
     cfg, accelerator = run.cfg, run.accelerator
     run.state = {"step": 0, "micro_batches": 0, "pairs_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0,
-                 "run": run_signature(cfg, accelerator.num_processes, run.data)}
+                 "run": run_signature(cfg, accelerator.num_processes, run.digest(run.data.train))}
     if cfg.resume is None:
         if accelerator.is_main_process:
             run.metrics_path.write_text("")
