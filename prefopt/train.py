@@ -1174,6 +1174,17 @@ def finish(run: Run, final_metrics: dict[str, Any], hooks: Any = None) -> dict[s
     return final_metrics
 
 
+def announce_plan(run: Run) -> None:
+    """One line with ``prefopt plan``'s estimate of this run's peak memory. An estimate that cannot be
+    made (a config field the planner does not know) is said, and training goes on."""
+    from prefopt import plan
+
+    try:
+        run.accelerator.print(plan.run_line(run))
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        log.warning("memory plan: no estimate for this model (%s: %s)", type(e).__name__, e)
+
+
 def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = None) -> dict[str, Any]:
     """Train a policy as ``cfg`` says; returns the final metrics (also in OUTPUT_DIR/final/).
 
@@ -1182,6 +1193,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, *, hooks: Any = No
     """
     run = start(cfg, explicit)
     load_data(run)
+    announce_plan(run)    # the memory estimate, before anything large is loaded
     load_model(run)       # and prove its fast paths
     prepare(run)          # LoRA, optimizer, accelerate's engine
     build_reference(run)  # through the prepared policy: the precision and layout of its step 0
