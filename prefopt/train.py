@@ -1176,12 +1176,13 @@ def finish(run: Run, final_metrics: dict[str, Any], hooks: Any = None) -> dict[s
 
 def announce_plan(run: Run) -> None:
     """One line with ``prefopt plan``'s estimate of this run's peak memory. An estimate that cannot be
-    made (a config field the planner does not know) is said, and training goes on."""
+    made (a config the planner does not know, such as Gemma 4's per-layer shapes) is said, and training
+    goes on: the line is advice, the run is what was asked for."""
     from prefopt import plan
 
     try:
         run.accelerator.print(plan.run_line(run))
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- any failure of an estimate must not stop the training it describes
         log.warning("memory plan: no estimate for this model (%s: %s)", type(e).__name__, e)
 
 

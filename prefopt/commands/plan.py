@@ -10,7 +10,7 @@ import argparse
 
 from prefopt.cli import _flags, command
 from prefopt.config import add_arguments, build_config
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, ModelError, PrefoptError
 
 
 def _plan_args(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +52,15 @@ def run_plan(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_path or "", trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.chat_template)
     data = prepare_examples(cfg, tokenizer, job_mode(cfg), None)
-    plan = P.make_plan(cfg, data.train, num_processes=processes, sharding=sharding, host=device == "cpu")
-    shape = plan.data()
-    est = plan.estimate()
+    try:
+        plan = P.make_plan(cfg, data.train, num_processes=processes, sharding=sharding, host=device == "cpu")
+        shape = plan.data()
+        est = plan.estimate()
+    except Exception as e:  # noqa: BLE001 -- a config the estimate does not model is said in one line
+        if isinstance(e, PrefoptError):
+            raise
+        raise ModelError(f"--model {cfg.model}: prefopt plan cannot estimate this architecture "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     m = plan.model
     print(f"model: {m.name}, {m.params / 1e6:.1f}M parameters ({m.layers} layers, hidden {m.hidden}, "
           f"vocab {m.vocab}); {plan.setup.describe()}")
