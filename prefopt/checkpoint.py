@@ -100,7 +100,7 @@ def check_process_group(accelerator) -> None:
     asks for what this machine cannot run, e.g. FSDP on a CPU, or DeepSpeed with ``use_cpu: true``: each would
     train the whole model by itself and all would write (and clean up) the same checkpoints.
     """
-    launched = _launched_processes()
+    launched = launched_processes()
     if launched > 1 and accelerator.num_processes != launched:
         raise ConfigError(
             f"the launcher started {launched} processes, but accelerate put this one in a group of "
@@ -111,7 +111,8 @@ def check_process_group(accelerator) -> None:
             "use_cpu: false in its config")
 
 
-def _launched_processes() -> int:
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun, MPI), whatever accelerate made of them."""
     for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         value = os.environ.get(name, "")
         if value.isdigit():
@@ -131,7 +132,6 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     No process enters a collective after a failure (the others may be inside one of ``save_state``'s):
     each raises, and the launcher ends the rest.
     """
-    check_process_group(accelerator)
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
     main = accelerator.is_main_process

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from prefopt.atomic import atomic_path
 from prefopt.batching import PackedBatch, split_rows
+from prefopt.sharding import is_partitioned, whole
 
 # (model, batch) -> per-sequence log-probs [num_seqs] (after any LD-DPO transform)
 SeqScorer = Callable[[torch.nn.Module, PackedBatch], torch.Tensor]
@@ -40,8 +40,19 @@ def default_cache_dir() -> Path:
 
 
 def hash_weights(model: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer, so a changed reference means a new cache key."""
-    return _hash_tensors(model.state_dict().items())
+    """A digest of every parameter and buffer, so a changed reference means a new cache key.
+
+    Under ZeRO-3 each rank holds a slice of every weight: the weights are gathered one at a time,
+    in name order (a collective each, so every rank calls this), never the whole model at once."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    if not any(is_partitioned(p) for p in named.values()):
+        return _hash_tensors(model.state_dict().items())
+    named.update(model.named_buffers())
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(n for n in model.state_dict() if n in named):
+        with whole([named[name]]):
+            _feed(h, name, named[name])
+    return h.hexdigest()
 
 
 def hash_buffers(model: torch.nn.Module) -> str:
@@ -54,19 +65,23 @@ def hash_buffers(model: torch.nn.Module) -> str:
 def _hash_tensors(named) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        t = tensor.detach()
-        h.update(name.encode())
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        flat = t.reshape(-1).cpu().contiguous()
-        if flat.dtype in (torch.bfloat16, torch.float16):
-            flat = flat.view(torch.int16)
-        elif flat.dtype == torch.bool:
-            flat = flat.to(torch.uint8)
-        elif flat.dtype not in (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
-                                torch.int8, torch.uint8):
-            flat = flat.float()
-        h.update(flat.numpy().tobytes())
+        _feed(h, name, tensor)
     return h.hexdigest()
+
+
+def _feed(h, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    h.update(name.encode())
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    flat = t.reshape(-1).cpu().contiguous()
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    elif flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    elif flat.dtype not in (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+                            torch.int8, torch.uint8):
+        flat = flat.float()
+    h.update(flat.numpy().tobytes())
 
 
 def hash_examples(examples: Iterable) -> str:
@@ -97,7 +112,6 @@ class CachedReference:
         score: SeqScorer,
         *,
         cache_file: Path | None,
-        disable_adapter: bool = False,
         device: torch.device | str = "cpu",
         progress: Callable[[int], None] | None = None,
         split: bool = True,
@@ -131,9 +145,8 @@ class CachedReference:
         indices, values = [], []
         was_training = model.training
         model.eval()
-        ctx = model.disable_adapter() if disable_adapter else nullcontext()
         done = 0
-        with torch.no_grad(), ctx:
+        with torch.no_grad():
             for batch in batches:
                 batch = batch.to(device)
                 for part in (split_rows(batch) if split else [batch]):  # row by row: no forward over padding

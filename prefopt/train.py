@@ -78,9 +78,8 @@ from prefopt.reference import (
     hash_buffers,
     hash_examples,
     hash_weights,
-    _hash_tensors,
 )
-from prefopt.sharding import fill_engine_config, gathered_state_dict, named_tensors_whole, process_group_handlers, true_dim, whole_model_loading, zero_stage
+from prefopt.sharding import fill_engine_config, gathered_state_dict, process_group_handlers, true_dim, whole_model_loading, zero_stage
 
 log = logging.getLogger("prefopt")
 
@@ -863,9 +862,7 @@ def _fresh_accelerate_state() -> None:
     """accelerate keeps one state per process and refuses a second Accelerator with another mixed
     precision; a single process that trains several times (a sweep, ``prefopt demo``, the tests)
     starts each run afresh. Under a launcher the state is the launch's and is kept."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+    if ckpt.launched_processes() == 1:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -909,7 +906,7 @@ def policy_digest(run: Run, model: torch.nn.Module) -> str:
     on every process, one gathered weight at a time."""
     accelerator = run.accelerator
     if run.zero3:
-        return _hash_tensors(named_tensors_whole(model))
+        return hash_weights(model)  # on every process: each gather is a collective
     digest = hash_weights(model) if accelerator.is_main_process else None
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
