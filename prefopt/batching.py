@@ -59,6 +59,8 @@ class PackedBatch:
     # one [prompt | completion] per row, right-padded, with a 2-D padding mask: the layout every causal
     # LM understands, run through the model's own forward (see prefopt.logprobs and prefopt.fastpath)
     plain: bool = False
+    # [E, K] float32, K-answer data only: each completion's score, NaN for a filler completion
+    scores: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -86,23 +88,40 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def _segments(examples: list["TokenizedExample"], prefix_sharing: bool) -> list[list[tuple[int, list[int], int]]]:
-    """Split examples into segments; each segment is a list of parts (seq_id or -1 for prompt, ids, part_no)."""
+def _segments(examples: list["TokenizedExample"], prefix_sharing: bool,
+              group: bool) -> tuple[list[list[tuple[int, list[int], int]]], dict[int, int]]:
+    """Split examples into segments; each segment is a list of parts (seq_id or -1 for prompt, ids, part_no).
+
+    With ``group`` (and prefix sharing), examples whose prompt ids are equal share one segment
+    ``[prompt | their completions ...]``, and a completion equal to one already in the segment is not
+    laid out again: the second dict maps its sequence id to the id of the copy it is scored from.
+    """
     n_comp = len(examples[0].completions)
-    segments = []
+    segments: list[list[tuple[int, list[int], int]]] = []
+    alias: dict[int, int] = {}
+    by_prompt: dict[tuple[int, ...], tuple[list, dict[tuple[int, ...], int]]] = {}
     for slot, ex in enumerate(examples):
         if len(ex.completions) != n_comp:
             raise ValueError("all examples of a batch must have the same number of completions")
         if not ex.prompt_ids:
             raise ValueError(f"example at line {ex.line} has an empty prompt: the first completion token "
                              "has no position to be predicted from")
-        prompt = (-1, ex.prompt_ids, 0)
-        comps = [(slot * n_comp + j, c, j + 1) for j, c in enumerate(ex.completions)]
-        if prefix_sharing:
-            segments.append([prompt, *comps])
-        else:
-            segments.extend([prompt, c] for c in comps)
-    return segments
+        if not prefix_sharing:
+            segments.extend([(-1, ex.prompt_ids, 0), (slot * n_comp + j, c, 1)] for j, c in enumerate(ex.completions))
+            continue
+        key = tuple(ex.prompt_ids)
+        if not group or key not in by_prompt:
+            by_prompt[key] = ([(-1, ex.prompt_ids, 0)], {})
+            segments.append(by_prompt[key][0])
+        seg, laid = by_prompt[key]
+        for j, c in enumerate(ex.completions):
+            seq = slot * n_comp + j
+            if group and tuple(c) in laid:
+                alias[seq] = laid[tuple(c)]
+                continue
+            laid[tuple(c)] = seq
+            seg.append((seq, c, len(seg)))
+    return segments, alias
 
 
 def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -130,17 +149,20 @@ def collate(
     pad_to_multiple_of: int = 1,
     plain: bool = False,
     capacity: int | None = None,
+    group_prompts: bool = True,
 ) -> PackedBatch:
     """Build a :class:`PackedBatch` from examples that all have the same number of completions.
 
     ``plain`` lays out one sequence per row with a 2-D padding mask (no prefix sharing, no
     packing): the fallback for models whose attention cannot take prefopt's 4-D masks.
     ``capacity``: the longest a packed row may be (default: the longest segment, so rows are never
-    longer than a padded batch would be).
+    longer than a padded batch would be). ``group_prompts``: examples of the batch with the same
+    prompt share one segment and a completion repeated among them is computed once (its tokens are
+    scored again from the first copy's hidden states); log-probs are those of the ungrouped layout.
     """
     if plain:
         prefix_sharing = packing = False
-    segments = _segments(examples, prefix_sharing)
+    segments, alias = _segments(examples, prefix_sharing, group_prompts)
     seg_len = [sum(len(ids) for _, ids, _ in seg) for seg in segments]
     capacity = max(max(seg_len), capacity or 0)
     rows = _pack(seg_len, capacity) if packing else [[i] for i in range(len(segments))]
@@ -156,6 +178,7 @@ def collate(
     token_seq: list[int] = []
     token_pos: list[int] = []
     layout: list[tuple[tuple[int, int, tuple[int, ...]], ...]] = []
+    plan: dict[int, list[int]] = {}  # sequence id -> the flat positions predicting its tokens
 
     for r, row in enumerate(rows):
         cursor = 0
@@ -176,12 +199,20 @@ def collate(
                 if part != 0:
                     # token k is predicted by the hidden state before it; token 0 by the prompt's last.
                     preds = [prompt_start + P - 1] + list(range(cursor, cursor + n - 1))
-                    hidden_index.extend(r * L + p for p in preds)
+                    plan[seq] = [r * L + p for p in preds]
+                    hidden_index.extend(plan[seq])
                     target_ids.extend(ids)
                     token_seq.extend([seq] * n)
                     token_pos.extend(range(n))
                 cursor += n
         layout.append(tuple(row_layout))
+    for seq, source in sorted(alias.items()):  # a repeated completion: scored again from its first copy
+        slot, j = divmod(source, len(examples[0].completions))
+        ids = examples[slot].completions[j]
+        hidden_index.extend(plan[source])
+        target_ids.extend(ids)
+        token_seq.extend([seq] * len(ids))
+        token_pos.extend(range(len(ids)))
 
     if plain:
         mask = seg_id >= 0
@@ -195,6 +226,9 @@ def collate(
     labels = None
     if examples[0].label is not None:
         labels = torch.tensor([bool(ex.label) for ex in examples])
+    scores = None
+    if getattr(examples[0], "scores", None) is not None:
+        scores = torch.tensor([ex.scores for ex in examples], dtype=torch.float32)
     n_comp = len(examples[0].completions)
     return PackedBatch(
         input_ids=input_ids,
@@ -212,7 +246,19 @@ def collate(
         slots=R * L,
         segments=tuple(layout),
         plain=plain,
+        scores=scores,
     )
+
+
+def prompt_groups(examples: list["TokenizedExample"]) -> list[list[int]]:
+    """Indices of the examples, grouped by equal prompt ids, groups in order of first appearance.
+
+    Data with several pairs per prompt (UltraFeedback-binarized, sampled pairs) keeps each prompt's
+    rows together this way, so :func:`collate` can compute the prompt once for all of them."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(tuple(ex.prompt_ids), []).append(i)
+    return list(groups.values())
 
 
 def padded_token_count(example: "TokenizedExample") -> int:
@@ -268,5 +314,6 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
             slots=n,
             segments=batch.segments[r:r + 1],
             plain=batch.plain,
+            scores=batch.scores[slots] if batch.scores is not None else None,
         ))
     return parts

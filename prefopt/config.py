@@ -58,6 +58,11 @@ class TrainConfig:
     prompt_field: str = opt("prompt", "name of the prompt field", group="data")
     chosen_field: str = opt("chosen", "name of the chosen-completion field", group="data")
     rejected_field: str = opt("rejected", "name of the rejected-completion field", group="data")
+    completions_field: str = opt("completions", "K-answer data: name of the field listing a prompt's answers",
+                                 group="data")
+    scores_field: str = opt("scores", "K-answer data: name of the field with one score per answer", group="data")
+    rating_field: str = opt("overall_score", "UltraFeedback-shaped data: the rating of each completion object "
+                            "(a key or a dotted path, e.g. annotations.helpfulness.Rating)", group="data")
     max_length: int = opt(1024, "max tokens of prompt + one completion", group="data")
     max_prompt_length: int | None = opt(512, "max prompt tokens (the prompt keeps its end); default 512, "
                                         "or half of --max-length when that is 512 or less", group="data")
@@ -88,6 +93,11 @@ class TrainConfig:
     wpo_weighting: bool = opt(False, "weight pairs by their probability under the policy (WPO)", group="loss")
     ld_alpha: float | None = opt(None, "LD-DPO: weight of tokens beyond the shorter completion's length",
                                  group="loss")
+    k_pairing: str = opt("all", "K-answer data: the pairs a pairwise loss trains on (every ordered pair of "
+                         "unequal score, the best against each worse answer, or the best against the worst)",
+                         ("all", "best_vs_rest", "best_vs_worst"), group="loss")
+    k_weighting: str = opt("prompt", "K-answer data: each prompt's pairs share one weight (prompt), or every "
+                           "pair counts the same (pair)", ("prompt", "pair"), group="loss")
     ref_sync: str = opt("none", "TR-DPO reference updates", ("none", "soft", "hard"), group="loss")
     ref_sync_alpha: float = opt(0.6, "TR-DPO soft update mix", group="loss")
     ref_sync_steps: int = opt(512, "TR-DPO: update the reference every N optimizer steps", group="loss")
@@ -115,6 +125,9 @@ class TrainConfig:
     prefix_sharing: bool = opt(True, "compute each pair's prompt once: [prompt | chosen | rejected]",
                                group="speed")
     packing: bool = opt(True, "pack several pairs into one row instead of padding", group="speed")
+    group_by_prompt: bool = opt(True, "rows of pairs that share a prompt go into one micro-batch and one segment "
+                                "[prompt | c1 | r1 | c2 | r2 ...], the prompt computed once (shuffled by prompt)",
+                                group="speed")
     lean_activations: bool = opt(True, "keep fewer activations for the backward: RMSNorm and SwiGLU MLPs recompute "
                                  "their element-wise intermediates, norm outputs are rebuilt in the backward "
                                  "(bit-identical)", group="speed")

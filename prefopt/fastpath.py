@@ -187,14 +187,25 @@ def check_rows(examples: Sequence, count: int = 4) -> list:
     spread through the data (packing needs several), in a fixed order, numbered 0, 1, ... (they may
     come from the training and the evaluation set, whose numbers overlap)."""
     if len(examples) <= count:
-        return [replace(ex, index=i) for i, ex in enumerate(examples)]
-    size = [len(ex.prompt_ids) + sum(len(c) for c in ex.completions) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: (-size[i], i))
-    chosen = order[:2]
-    rest = sorted(order[2:])
-    step = len(rest) / (count - 2)
-    chosen += [rest[int(k * step)] for k in range(count - 2)]
-    return [replace(examples[i], index=k) for k, i in enumerate(sorted(chosen))]
+        picked = [replace(ex, index=i) for i, ex in enumerate(examples)]
+    else:
+        size = [len(ex.prompt_ids) + sum(len(c) for c in ex.completions) for ex in examples]
+        order = sorted(range(len(examples)), key=lambda i: (-size[i], i))
+        chosen = order[:2]
+        rest = sorted(order[2:])
+        step = len(rest) / (count - 2)
+        chosen += [rest[int(k * step)] for k in range(count - 2)]
+        picked = [replace(examples[i], index=k) for k, i in enumerate(sorted(chosen))]
+    return picked + [_companion(min(picked, key=lambda ex: len(ex.prompt_ids)), len(picked))] if picked else []
+
+
+def _companion(ex, index: int):
+    """A second row with ``ex``'s prompt, its first completions repeated and the last one cut: the check
+    then also proves the grouped layout (one segment for a prompt's rows, a repeated completion
+    scored from its first copy), which data with several pairs per prompt gets."""
+    comps = [list(c) for c in ex.completions]
+    comps[-1] = comps[-1][:max(1, len(comps[-1]) // 2)]
+    return replace(ex, completions=comps, index=index)
 
 
 def grad_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefopt.data import (
+    RANKED_FORMATS,
     Fields,
     TokenizeSettings,
     detect_format,
@@ -21,9 +23,11 @@ from prefopt.data import (
     pairs_to_unpaired,
     split_rows,
     to_pairs,
+    to_ranked,
     to_sft,
     to_unpaired,
     tokenize_pairs,
+    tokenize_ranked,
     tokenize_sft,
     tokenize_unpaired,
     validate_rows,
@@ -45,7 +49,8 @@ class Examples:
 
 
 def _fields(cfg) -> dict[str, Fields]:
-    return {"fields": Fields(prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)}
+    return {"fields": Fields(prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field,
+                             completions=cfg.completions_field, scores=cfg.scores_field, rating=cfg.rating_field)}
 
 
 def _screen(rows, fmt: str, cfg, output_dir: Path | None, source: str):
@@ -104,15 +109,47 @@ def _tokenize(rows, fmt: str, mode: str, tokenizer, settings: TokenizeSettings, 
             unpaired = to_unpaired(rows, **_fields(cfg))
         elif fmt in PAIRED_FORMATS:
             unpaired = pairs_to_unpaired(to_pairs(rows, fmt, **_fields(cfg)))
+        elif fmt in RANKED_FORMATS:
+            raise DataError(f"KTO trains on pairs or labelled completions; '{fmt}' data holds K scored answers "
+                            "per prompt: train it with a pairwise loss (over the derived pairs) or "
+                            "--loss-type plackett_luce", source=rows[0].source if rows else None)
         else:
             raise DataError(f"KTO needs preference pairs or prompt/completion/label rows, got '{fmt}' data",
                             source=rows[0].source if rows else None)
         return tokenize_unpaired(unpaired, tokenizer, settings)
+    if fmt in RANKED_FORMATS:
+        return tokenize_ranked(to_ranked(rows, fmt, **_fields(cfg)), tokenizer, settings)
     if fmt not in PAIRED_FORMATS:
         hint = " (unpaired data trains with --loss-type kto)" if fmt == "unpaired" else ""
         raise DataError(f"preference training needs prompt/chosen/rejected data, got '{fmt}' data{hint}",
                         source=rows[0].source if rows else None)
     return tokenize_pairs(to_pairs(rows, fmt, **_fields(cfg)), tokenizer, settings)
+
+
+def ranked_layout(train: list[TokenizedExample], evals: list[TokenizedExample], tokenizer,
+                  ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Give every K-answer example the same number of completions, K = the most any row has.
+
+    Batching, the reference cache and the losses work on ``[examples, K]`` tensors, so a row
+    with fewer answers gets one-token filler completions whose score is NaN: the losses mask
+    them (``valid``), and each costs one token of compute. Pairs among K-answer data (an
+    eval file of pairs, say) become two answers scored 1 (chosen) and 0 (rejected).
+    """
+    def scored(ex: TokenizedExample) -> TokenizedExample:
+        return ex if ex.scores is not None else replace(ex, scores=[1.0, 0.0])
+
+    train, evals = [scored(ex) for ex in train], [scored(ex) for ex in evals]
+    k = max(len(ex.completions) for ex in (*train, *evals))
+    filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    def padded(ex: TokenizedExample) -> TokenizedExample:
+        missing = k - len(ex.completions)
+        if not missing:
+            return ex
+        return replace(ex, completions=ex.completions + [[filler]] * missing,
+                       scores=list(ex.scores) + [math.nan] * missing)
+
+    return [padded(ex) for ex in train], [padded(ex) for ex in evals]
 
 
 def prepare_examples(cfg, tokenizer, mode: str, output_dir: Path | None) -> Examples:
@@ -148,6 +185,9 @@ def prepare_examples(cfg, tokenizer, mode: str, output_dir: Path | None) -> Exam
     if mode == "kto":
         train = _kl_partner(train, cfg.seed, cfg.max_length)
         evals = _kl_partner(evals, cfg.seed, cfg.max_length) if len(evals) > 1 else []
+    # Plackett-Luce on pairs is DPO: two answers scored 1 and 0 take the K-answer path
+    if mode == "pairs" and (cfg.loss_type == ["plackett_luce"] or any(ex.scores is not None for ex in (*train, *evals))):
+        train, evals = ranked_layout(train, evals, tokenizer)
     summary = f"format: {fmt}; train {stats.summary_line()}"
     if eval_stats is not None:
         summary += f"; eval {eval_stats.summary_line()}"

@@ -749,7 +749,7 @@ def compute_loss(loss_types: list[str], loss_weights: list[float] | None, policy
     for name, weight in zip(loss_types, weights):
         spec = LOSSES[name]
         if not spec.paired:
-            raise ValueError(f"{name} is unpaired: call kto_loss(), not compute_loss()")
+            raise ValueError(f"{name} is not a per-pair loss: call {spec.fn.__name__}(), not compute_loss()")
         out = spec.fn(policy, ref_eff if spec.needs_reference else None, params)
         term = weight * out.losses
         total = term if total is None else total + term
@@ -809,6 +809,9 @@ def check_loss_options(loss_types: list[str], loss_weights: list[float] | None,
     if "kto" in loss_types and len(loss_types) > 1:
         raise ConfigError("--loss-type kto cannot be combined with other losses: kto trains on unpaired "
                           "rows, the others on pairs")
+    if "plackett_luce" in loss_types and len(loss_types) > 1:
+        raise ConfigError("--loss-type plackett_luce cannot be combined with other losses: it is one listwise "
+                          "term over a prompt's K answers, the others are per pair")
 
     if loss_weights is not None:
         if len(loss_weights) != len(loss_types):
@@ -1200,6 +1203,11 @@ def plackett_luce_loss(pol: Tensor, ref: Tensor | None, scores: Tensor, valid: T
     :func:`k_pair_loss` if ties should carry no signal. Efron's correction would be
     closer to the exact tied likelihood but is not implemented.
 
+    When to choose it: K answers per prompt with a full ranking or scores (a reward model's,
+    or ratings like UltraFeedback's) that you trust beyond "which is best": the listwise
+    likelihood uses the whole order in one term per answer. With noisy scores, pairwise DPO
+    over best-vs-worst (:func:`k_pair_loss`) is the more robust choice.
+
     ``normalize`` divides each prompt's loss by (number of valid answers − 1), the number
     of non-trivial terms, so prompts with many answers do not dominate; the default is
     the paper's sum. With K = 2 either way it is ``−log σ(r_w − r_l)``, DPO. ``ref`` None
@@ -1223,3 +1231,9 @@ def plackett_luce_loss(pol: Tensor, ref: Tensor | None, scores: Tensor, valid: T
     rewards = r.detach()
     return KLossOutput(losses=losses, has_loss=n_valid >= 2, rewards=rewards,
                        metrics=k_reward_metrics(rewards, scores, valid))
+
+
+# Listwise: scores K answers at once, so it is called through plackett_luce_loss (paired=False).
+LOSSES["plackett_luce"] = LossSpec(plackett_luce_loss, True, "2305.18290", frozenset({"beta"}),
+                                   "listwise DPO over K ranked answers (Plackett-Luce, DPO paper A.3)",
+                                   paired=False)

@@ -88,7 +88,10 @@ def hash_examples(examples: Iterable) -> str:
     """A digest of the exact token ids the reference will score."""
     h = hashlib.blake2b(digest_size=16)
     for ex in examples:
-        h.update(json.dumps([ex.prompt_ids, ex.completions]).encode())
+        item = [ex.prompt_ids, ex.completions]
+        if getattr(ex, "scores", None) is not None:  # K-answer rows: the scores decide what is trained
+            item.append(ex.scores)
+        h.update(json.dumps(item).encode())
     return h.hexdigest()
 
 

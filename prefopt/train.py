@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from prefopt import checkpoint as ckpt
 from prefopt.atomic import atomic_path
 from prefopt.atomic import write_text as atomic_write_text
-from prefopt.batching import PackedBatch, collate, split_rows
+from prefopt.batching import PackedBatch, collate, prompt_groups, split_rows
 from prefopt.config import TrainConfig, validate
 from prefopt.errors import CheckpointError, ConfigError, TrainingError
 from prefopt.inputs import Examples, prepare_examples
@@ -53,9 +53,12 @@ from prefopt.losses import (
     PairLogps,
     check_loss_options,
     compute_loss,
+    derive_pairs,
+    k_pair_loss,
     kto_loss,
     ld_logps,
     needs_reference,
+    plackett_luce_loss,
     wpo_pair_weights,
 )
 from prefopt.modeling import (
@@ -177,7 +180,15 @@ def _chunks(order: list[int], batch_size: int) -> list[list[int]]:
 def _collate_fn(examples, pad_id: int, cfg: TrainConfig):
     """Index list -> PackedBatch, laid out as the config says (prefix sharing, packing)."""
     return lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-                               packing=cfg.packing, plain=cfg.plain_path)
+                               packing=cfg.packing, plain=cfg.plain_path, group_prompts=cfg.group_by_prompt)
+
+
+def grouped_order(examples, cfg: TrainConfig) -> list[int]:
+    """Every example once, rows sharing a prompt next to each other (``--group-by-prompt``), for the
+    no-grad passes; the plain index order otherwise."""
+    if not cfg.group_by_prompt:
+        return list(range(len(examples)))
+    return [i for g in prompt_groups(examples) for i in g]
 
 
 def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
@@ -349,7 +360,7 @@ def reference_table(run: "Run", model, score, examples, ref_cfg: TrainConfig, we
     key = cache_key(weights, run.digest(examples), extra)
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "ref_logps" / f"{key}.safetensors"
     size = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
-    chunks = _chunks(list(range(len(examples))), size)
+    chunks = _chunks(grouped_order(examples, ref_cfg), size)
     layout = _collate_fn(examples, run.pad_id, ref_cfg)
     hit = path.exists()
     if world > 1:
@@ -504,8 +515,14 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup: 
         optimizer, functools.partial(lr_multiplier, cfg.lr_scheduler, warmup, total))
 
 
-def epoch_order(n: int, epoch: int, cfg: TrainConfig) -> list[int]:
-    """The example order of one epoch: depends only on (seed, epoch), so a resume replays it."""
+def epoch_order(n: int, epoch: int, cfg: TrainConfig, groups: list[list[int]] | None = None) -> list[int]:
+    """The example order of one epoch: depends only on (seed, epoch), so a resume replays it.
+
+    ``groups`` (rows sharing a prompt, see :func:`prefopt.batching.prompt_groups`): the groups are
+    shuffled, each kept whole, so a prompt's rows land in one micro-batch where they fit."""
+    if groups is not None and len(groups) < n:
+        order = epoch_order(len(groups), epoch, cfg)
+        return [i for g in order for i in groups[g]]
     if not cfg.shuffle:
         return list(range(n))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -581,6 +598,8 @@ def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig,
             else terms.mean()
         out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params, kl=kl)
         return out.losses, out, pairs
+    if batch.scores is not None:
+        return _ranked_losses(pol, ref, tok, batch.scores.to(pol.device), cfg, params)
     pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
     ref_pair = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
     weights = None
@@ -591,11 +610,48 @@ def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig,
     return out.losses, out, pairs
 
 
+# K-answer metrics that repeat what rewards/chosen (the best answer) and rewards/rejected (the worst) say.
+_K_DUPLICATES = ("rewards/best", "rewards/worst", "rewards/margin")
+
+
+def _ranked_losses(pol: torch.Tensor, ref: torch.Tensor | None, tok: torch.Tensor, scores: torch.Tensor,
+                   cfg: TrainConfig, params: LossParams) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+    """Per-prompt losses for K answers per prompt: Plackett-Luce, or a pairwise loss over the derived pairs.
+
+    What the loop logs keeps the pairwise names: ``rewards/chosen`` and ``logps/chosen`` are the best
+    answer's, ``rewards/rejected`` and ``logps/rejected`` the worst's (the first of those tied), and
+    ``rewards/kendall_tau`` / ``rewards/pair_accuracy`` say how well the implicit rewards rank all K."""
+    valid = ~torch.isnan(scores)
+    filled = scores.nan_to_num(0.0)
+    if cfg.loss_type == ["plackett_luce"]:
+        k = plackett_luce_loss(pol, ref, filled, valid, params)
+    else:
+        k = k_pair_loss(pol, ref, filled, valid, params, pairing=cfg.k_pairing, loss_types=cfg.loss_type,
+                        loss_weights=cfg.loss_weights, tokens=tok, weighting=cfg.k_weighting)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    best = filled.masked_fill(~valid, -math.inf).argmax(dim=1)    # argmax/argmin return the first extreme
+    worst = filled.masked_fill(~valid, math.inf).argmin(dim=1)
+    metrics = {n: v for n, v in k.metrics.items() if n not in _K_DUPLICATES}
+    out = LossOutput(losses=k.losses, chosen_rewards=k.rewards[rows, best], rejected_rewards=k.rewards[rows, worst],
+                     metrics=metrics)
+    return k.losses, out, PairLogps(pol[rows, best], pol[rows, worst], tok[rows, best], tok[rows, worst])
+
+
+def loss_units(batch: PackedBatch, cfg: TrainConfig) -> float:
+    """What a batch's summed loss is divided by: its examples, or, for K-answer data with
+    ``--k-weighting pair``, its derived pairs (so every pair of the global batch weighs the same)."""
+    if batch.scores is None or cfg.k_weighting != "pair" or cfg.loss_type == ["plackett_luce"]:
+        return float(batch.num_examples)
+    valid = ~torch.isnan(batch.scores)
+    return float(derive_pairs(batch.scores.nan_to_num(0.0), valid, cfg.k_pairing).num_pairs.sum())
+
+
 def record(stats: StepStats, out: LossOutput, policy: PairLogps, losses: torch.Tensor, mode: str,
-           labels: torch.Tensor | None) -> None:
+           labels: torch.Tensor | None, units: float | None = None) -> None:
     n = losses.numel()
     stats.pairs += n
     stats.add("loss", losses.detach().sum())
+    stats.add("loss_units", n if units is None else units)  # the loss is per unit: a pair, or a K-answer prompt
     stats.add("logps/chosen", policy.chosen.detach().sum())
     stats.add("logps/rejected", policy.rejected.detach().sum())
     if mode == "kto":
@@ -630,6 +686,8 @@ def finish_stats(stats: StepStats, accelerator: Accelerator, *, agree_on_names: 
     total = accelerator.reduce(local, reduction="sum").tolist()
     pairs = max(total[0], 1.0)
     out = {k: v / pairs for k, v in zip(names, total[1:])}
+    if "loss_units" in out:
+        out["loss"] = out["loss"] / max(out.pop("loss_units"), 1e-12)
     if "kto/desirable" in out:  # KTO rewards average over their own rows, not all rows
         d, u = out.pop("kto/desirable") * pairs, out.pop("kto/undesirable") * pairs
         out["rewards/chosen"] = out.pop("rewards/chosen@kto") * pairs / max(d, 1.0)
@@ -653,7 +711,7 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
     stats = StepStats()
     batch_size = cfg.eval_batch_size or cfg.batch_size
     n = accelerator.num_processes
-    order = list(range(len(examples)))[accelerator.process_index::n]
+    order = grouped_order(examples, cfg)[accelerator.process_index::n]
     rounds = math.ceil(math.ceil(len(examples) / n) / batch_size)
     layout = _collate_fn(examples, pad_id, cfg)
     for k in range(rounds):
@@ -661,7 +719,7 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
         batch = layout(chunk or [0]).to(accelerator.device)
         losses, out, policy = forward_loss(model, batch, reference, cfg, mode, params)
         if chunk:
-            record(stats, out, policy, losses, mode, batch.labels)
+            record(stats, out, policy, losses, mode, batch.labels, loss_units(batch, cfg))
     model.train(was_training)
     return {f"eval/{k}": v for k, v in finish_stats(stats, accelerator, agree_on_names=True).items()}
 
@@ -715,9 +773,10 @@ def _microbatches(examples, cfg: TrainConfig, pad_id: int, accelerator, start_ep
     trained twice (accelerate's even batches would repeat the first examples instead)."""
     layout = _collate_fn(examples, pad_id, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    groups = prompt_groups(examples) if cfg.group_by_prompt and cfg.prefix_sharing else None
     epoch = start_epoch
     while True:
-        chunks = _chunks(epoch_order(len(examples), epoch, cfg), cfg.batch_size)
+        chunks = _chunks(epoch_order(len(examples), epoch, cfg, groups), cfg.batch_size)
         mine = chunks[rank::world]
         for i in range(skip, math.ceil(len(chunks) / world)):
             real = i < len(mine)
@@ -875,6 +934,26 @@ def load_data(run: Run) -> None:
     run.data = prepare_examples(cfg, run.tokenizer, run.mode,
                                 run.out_dir if run.accelerator.is_main_process else None)
     run.accelerator.print(f"data: {run.data.summary}")
+    check_ranked(cfg, run.data)
+
+
+def check_ranked(cfg: TrainConfig, data: Examples) -> None:
+    """Refuse the options that only make sense for one chosen/rejected pair per row on K-answer data.
+
+    LD-DPO and WPO are defined on a pair's two completions, and the AOT losses sort per-pair
+    values over the batch, which a per-prompt reduction cannot give them."""
+    if not data.train or data.train[0].scores is None:
+        return
+    if cfg.ld_alpha is not None:
+        raise ConfigError("--ld-alpha weights the tokens beyond the shorter of a pair's two completions; "
+                          f"the data holds K answers per prompt ({data.fmt}), so it cannot be used")
+    if cfg.wpo_weighting:
+        raise ConfigError("--wpo-weighting weights one chosen/rejected pair by its probability; the data holds "
+                          f"K answers per prompt ({data.fmt}), so it cannot be used")
+    coupled = sorted(BATCH_COUPLED_LOSSES & set(cfg.loss_type))
+    if coupled:
+        raise ConfigError(f"--loss-type {', '.join(coupled)} sorts per-pair values over the batch and cannot be "
+                          f"reduced per prompt; the data holds K answers per prompt ({data.fmt})")
 
 
 def load_model(run: Run) -> None:
@@ -1016,7 +1095,7 @@ def step(run: Run, stream) -> tuple[dict[str, float], StepStats, list[PackedBatc
     if bco_running_delta(cfg):
         params = replace(params, bco_delta=run.state.get("bco_delta", 0.0))
     micro = [next(stream) for _ in range(cfg.grad_accum)]
-    local_pairs = torch.tensor(float(sum(b.num_examples for b, real in micro if real)), device=accelerator.device)
+    local_pairs = torch.tensor(float(sum(loss_units(b, cfg) for b, real in micro if real)), device=accelerator.device)
     global_pairs = accelerator.reduce(local_pairs, reduction="sum").item()
     stats = StepStats()
     parts = [(part, real) for batch, real in micro for part in row_parts(batch, cfg, run.mode, accelerator)]
@@ -1034,11 +1113,11 @@ def step(run: Run, stream) -> tuple[dict[str, float], StepStats, list[PackedBatc
             scale = accelerator.num_processes * cfg.grad_accum / global_pairs if real else 0.0
             loss = losses.sum() * scale
             if "aux_loss" in out.metrics:  # each micro-batch's router loss, weighted by its share of pairs
-                loss = loss + cfg.router_aux_loss_coef * out.metrics["aux_loss"] * batch.num_examples * scale
+                loss = loss + cfg.router_aux_loss_coef * out.metrics["aux_loss"] * loss_units(batch, cfg) * scale
                 out.metrics["aux_loss"] = out.metrics["aux_loss"].detach()
             accelerator.backward(loss)
         if real:
-            record(stats, out, pol, losses, run.mode, batch.labels)
+            record(stats, out, pol, losses, run.mode, batch.labels, loss_units(batch, cfg))
             stats.real_tokens += batch.real_tokens
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
                                             cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))

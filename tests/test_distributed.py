@@ -182,3 +182,20 @@ def test_fsdp_launched_on_a_cpu_is_refused_not_run_as_separate_trainings(tiny_mo
     assert "the launcher started 2 processes, but accelerate put this one in a group of 1" in proc.stderr
     assert "FSDP only on GPUs" in proc.stderr
     assert not (tmp_path / "fsdp" / "final").exists()
+
+
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_k_answer_rows_over_two_processes_equal_one(engine, tiny_model_dir, tmp_path):
+    """K answers per prompt (2 to 4, so rows carry filler completions) with every pair weighing the same:
+    the loss divides by the pairs of the whole global batch, which two processes must count together."""
+    from test_ranked import ranked_rows
+
+    data = write_jsonl(ranked_rows(40, seed=3), tmp_path / "k.jsonl")
+    evals = write_jsonl(ranked_rows(5, seed=4), tmp_path / "k_eval.jsonl")
+    reference = single(tiny_model_dir, data, evals, tmp_path / "single", cache_dir=str(tmp_path / "c1"),
+                       k_weighting="pair")
+    out = tmp_path / engine
+    launch(engine, tmp_path, ["--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(evals),
+                              "--output-dir", str(out), "--save-steps", "none", "--k-weighting", "pair", *STEPS],
+           tmp_path / "cache")
+    assert_same_run(out, reference)

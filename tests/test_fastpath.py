@@ -154,8 +154,13 @@ def test_check_rows_take_the_longest_and_renumber():
     picked = check_rows(data + rows(5, seed=3))
     size = sorted((len(e.prompt_ids) + sum(map(len, e.completions)) for e in data + rows(5, seed=3)), reverse=True)
     got = sorted((len(e.prompt_ids) + sum(map(len, e.completions)) for e in picked), reverse=True)
-    assert len(picked) == 4 and got[:2] == size[:2]
-    assert [e.index for e in picked] == list(range(4))
+    assert len(picked) == 5 and got[:2] == size[:2]
+    assert [e.index for e in picked] == list(range(5))
+    # the fifth shares the shortest prompt of the four, repeats its first completion and cuts its last,
+    # so the check also proves the grouped layout (one segment per prompt, a repeated completion scored once)
+    twin = min(picked[:4], key=lambda e: len(e.prompt_ids))
+    assert picked[4].prompt_ids == twin.prompt_ids and picked[4].completions[0] == twin.completions[0]
+    assert twin.completions[-1][:len(picked[4].completions[-1])] == picked[4].completions[-1]
 
 
 def test_flex_attention_gets_a_block_mask_that_masks():

@@ -46,7 +46,7 @@ SEVERITY = {
     "schema": "error", "empty": "error", "identical": "error", "near_duplicate": "error",
     "duplicate": "error", "short": "warning", "identical_tokens": "error",
     "destroyed_by_truncation": "error", "double_bos": "error", "missing_bos": "error",
-    "missing_eos": "error", "eos_inside": "warning",
+    "missing_eos": "error", "eos_inside": "warning", "tied": "warning",
 }
 
 
@@ -230,16 +230,19 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
                prompt_field: str = "prompt", chosen_field: str = "chosen",
                rejected_field: str = "rejected", split: str = "train",
                near_duplicate_threshold: float | None = None,
-               example_line: int | None = None) -> dict[str, Any]:
+               example_line: int | None = None, completions_field: str = "completions",
+               scores_field: str = "scores", rating_field: str = "overall_score") -> dict[str, Any]:
     """Check a preference file; returns the report as a JSON-ready dict (``clean`` says if it passed).
 
     Raises :class:`DataError`/:class:`ConfigError` only for user errors: a missing or
     unreadable file, options out of range, data that is not preference pairs, fields
-    that cannot be found.
+    that cannot be found. K-answer data (ranked, UltraFeedback) is checked as the pair of
+    each row's best and worst answer, which is what its pair checks and token checks need;
+    a row whose answers all tie is reported (training drops it).
     """
-    from prefopt.data import (PREFERENCE_FORMATS, FORMAT_DESCRIPTIONS, Fields, SpecialTokens,
+    from prefopt.data import (PREFERENCE_FORMATS, FORMAT_DESCRIPTIONS, RANKED_FORMATS, Fields, SpecialTokens,
                               audit_special_tokens, check_pairs, detect_format, length_stats,
-                              to_pairs, truncation_report, validate_rows)
+                              to_pairs, to_ranked, truncation_report, validate_rows)
     from prefopt.data.checks import NEAR_DUPLICATE_THRESHOLD
 
     threshold = NEAR_DUPLICATE_THRESHOLD if near_duplicate_threshold is None else near_duplicate_threshold
@@ -251,7 +254,8 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
         raise ConfigError(f"--max-prompt-length: must be at least 1 and below --max-length ({max_length}) "
                           f"so a completion still fits, got {max_prompt_length}")
 
-    fields = Fields(prompt=prompt_field, chosen=chosen_field, rejected=rejected_field)
+    fields = Fields(prompt=prompt_field, chosen=chosen_field, rejected=rejected_field,
+                    completions=completions_field, scores=scores_field, rating=rating_field)
     rows, read_errors, records = _read(file, split)
     problems = [_from_error(e) for e in read_errors]
     if not records and not read_errors:
@@ -262,14 +266,21 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
     pairs = []
     if rows:
         fmt = detect_format(rows, fields=fields)
-        if fmt not in PREFERENCE_FORMATS:
+        if fmt not in PREFERENCE_FORMATS and fmt not in RANKED_FORMATS:
             raise DataError(f"holds {FORMAT_DESCRIPTIONS[fmt]} ('{fmt}' format); prefopt data check reports "
                             "on preference pairs (prompt, chosen, rejected)", source=file)
         report["format"] = fmt
         invalid = validate_rows(rows, fmt, fields=fields)
         problems += [_from_error(e) for e in invalid]
         bad = {e.line for e in invalid}
-        pairs = to_pairs([r for r in rows if r.line not in bad], fmt, fields=fields)
+        kept = [r for r in rows if r.line not in bad]
+        if fmt in RANKED_FORMATS:
+            pairs, tied, answers = _extreme_pairs(to_ranked(kept, fmt, fields))
+            report["answers"] = answers
+            problems += [Problem("tied", line, fields.scores, "every answer has the same score: nothing to "
+                                 "learn, training drops the row") for line in tied]
+        else:
+            pairs = to_pairs(kept, fmt, fields=fields)
         problems += [Problem(f.kind, f.line, f.field, f.message)
                      for f in check_pairs(pairs, near_duplicate_threshold=threshold)]
     report["pairs"] = len(pairs)
@@ -319,6 +330,22 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
     report["warnings"] = sum(1 for p in problems if p.severity == "warning")
     report["clean"] = report["errors"] == 0
     return report
+
+
+def _extreme_pairs(examples) -> tuple[list, list[int], int]:
+    """Each K-answer row as the pair of its best and worst answer (the first of those tied), the lines
+    of rows whose answers all tie, and the number of answers in all."""
+    from prefopt.data import PreferencePair
+
+    pairs, tied = [], []
+    for e in examples:
+        best = max(range(len(e.scores)), key=lambda k: (e.scores[k], -k))
+        worst = min(range(len(e.scores)), key=lambda k: (e.scores[k], k))
+        if e.scores[best] == e.scores[worst]:
+            tied.append(e.line)
+        else:
+            pairs.append(PreferencePair(e.prompt, e.completions[best], e.completions[worst], e.line, e.source))
+    return pairs, tied, sum(len(e.scores) for e in examples)
 
 
 # ---------------------------------------------------------------------------- output
@@ -415,8 +442,11 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                    help="max tokens of prompt + one completion, as in training (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=_optional_int, default=FIELDS["max_prompt_length"].default,
                    help="max prompt tokens, or none (default: %(default)s)")
-    for name in ("prompt", "chosen", "rejected"):
+    for name in ("prompt", "chosen", "rejected", "completions", "scores"):
         p.add_argument(f"--{name}-field", default=name, help=f"name of the {name} field (default: %(default)s)")
+    p.add_argument("--rating-field", default="overall_score",
+                   help="UltraFeedback-shaped data: the rating of each completion object, a key or a dotted path "
+                        "(default: %(default)s)")
     p.add_argument("--split", default="train", help="split of a dataset directory or hub dataset")
     p.add_argument("--near-duplicate-threshold", type=float, default=None,
                    help="flag answers at least this similar, 0..1 (default: 0.95)")
@@ -438,7 +468,8 @@ def fast_path_report(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
 
     cfg = TrainConfig(model=args.model, data=args.file, data_split=args.split, prompt_field=args.prompt_field,
                       chosen_field=args.chosen_field, rejected_field=args.rejected_field,
-                      max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
+                      completions_field=args.completions_field, scores_field=args.scores_field,
+                      rating_field=args.rating_field, max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
                       on_invalid="skip", trust_remote_code=args.trust_remote_code)
     try:
         data = prepare_examples(cfg, tokenizer, "pairs", None)
@@ -464,7 +495,9 @@ def run(args: argparse.Namespace) -> int:
     report = check_file(args.file, tokenizer=tokenizer, max_length=args.max_length,
                         max_prompt_length=args.max_prompt_length, prompt_field=args.prompt_field,
                         chosen_field=args.chosen_field, rejected_field=args.rejected_field, split=args.split,
-                        near_duplicate_threshold=args.near_duplicate_threshold, example_line=args.example_line)
+                        near_duplicate_threshold=args.near_duplicate_threshold, example_line=args.example_line,
+                        completions_field=args.completions_field, scores_field=args.scores_field,
+                        rating_field=args.rating_field)
     if args.model and report["pairs"]:
         report["fast_paths"] = fast_path_report(args, tokenizer)
     if args.format == "json":

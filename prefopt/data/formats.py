@@ -13,8 +13,9 @@ reply so the chat template can render it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Union
 
 from prefopt.data.load import Row
@@ -36,11 +37,21 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
     "unpaired": "unpaired (KTO) examples: prompt, completion and a true/false label",
     "completion": "supervised examples: prompt and completion",
     "messages": "supervised chat examples: a list of messages",
+    "ranked": "K answers per prompt with scores: prompt, completions (a list of K >= 2 answers), "
+              "scores (one number per answer, higher is better; ties allowed)",
+    "ultrafeedback": "UltraFeedback rows: a prompt (or instruction) and a completions list of objects "
+                     "holding a response and its ratings (the rating chosen with --rating-field)",
 }
 
 #: Formats that hold a chosen and a rejected answer per row.
 PREFERENCE_FORMATS = ("standard", "conversational", "implicit_prompt",
                       "implicit_conversational", "hh")
+
+#: Formats that hold K >= 2 scored answers per row.
+RANKED_FORMATS = ("ranked", "ultrafeedback")
+
+#: UltraFeedback names its prompt ``instruction``; used when the prompt field is absent.
+ULTRAFEEDBACK_PROMPT = "instruction"
 
 HUMAN_MARKER = "\n\nHuman:"
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -62,6 +73,10 @@ class Fields:
     completion: str = "completion"
     label: str = "label"
     messages: str = "messages"
+    completions: str = "completions"
+    scores: str = "scores"
+    response: str = "response"
+    rating: str = "overall_score"   # UltraFeedback: a key of each completion object, or a dotted path
 
 
 @dataclass
@@ -71,6 +86,17 @@ class PreferencePair:
     prompt: Value
     chosen: Value
     rejected: Value
+    line: int
+    source: str
+
+
+@dataclass
+class RankedExample:
+    """One prompt with K >= 2 answers and a score for each (higher is better, ties allowed)."""
+
+    prompt: Value
+    completions: list[Value]
+    scores: list[float]
     line: int
     source: str
 
@@ -132,6 +158,12 @@ def detect_format(rows: Sequence[Row], prompt_field: str = "prompt",
                for text in (chosen, rejected)):
             return "hh"
         return "implicit_prompt"
+    if f.completions in present:
+        answers = first(f.completions)
+        if isinstance(answers, list) and answers and isinstance(answers[0], dict) and f.response in answers[0]:
+            return "ultrafeedback"
+        if f.scores in present:
+            return "ranked"
     if f.prompt in present and f.completion in present:
         return "unpaired" if f.label in present else "completion"
     if f.messages in present:
@@ -139,7 +171,8 @@ def detect_format(rows: Sequence[Row], prompt_field: str = "prompt",
     raise DataError(
         "cannot tell the data format from the fields " + ", ".join(sorted(map(str, present)))
         + f": expected preference pairs ('{f.prompt}', '{f.chosen}', '{f.rejected}', or "
-        f"just '{f.chosen}' and '{f.rejected}'), unpaired examples ('{f.prompt}', "
+        f"just '{f.chosen}' and '{f.rejected}'), K scored answers ('{f.prompt}', '{f.completions}', "
+        f"'{f.scores}'), unpaired examples ('{f.prompt}', "
         f"'{f.completion}', '{f.label}'), prompt-completion examples ('{f.prompt}', "
         f"'{f.completion}') or chat examples ('{f.messages}'); if your fields have other "
         "names, map them with the prompt/chosen/rejected field options",
@@ -210,6 +243,38 @@ def validate_rows(rows: Sequence[Row], fmt: str, prompt_field: str = "prompt",
     return problems
 
 
+def to_ranked(rows: Sequence[Row], fmt: str, fields: Fields | None = None) -> list[RankedExample]:
+    """Convert K-answer rows to :class:`RankedExample`, stopping at the first bad row.
+
+    ``ranked``: the prompt field, a list of answers (text or conversations) and a list of
+    as many numeric scores. ``ultrafeedback``: the prompt (or ``instruction``) field and a
+    list of objects, each with the answer under ``Fields.response`` and its score at
+    ``Fields.rating`` (a key, or a dotted path such as ``annotations.helpfulness.Rating``;
+    numeric text such as ``"4"`` is read as a number, anything else is an error naming
+    the answer). Conversational answers follow the same alignment as pairs.
+    """
+    f = fields or Fields()
+    if fmt not in RANKED_FORMATS:
+        raise DataError(f"'{fmt}' data does not hold K scored answers per prompt (expected one of "
+                        + ", ".join(RANKED_FORMATS) + ")", source=rows[0].source if rows else None)
+    examples: list[RankedExample] = []
+    for row in rows:
+        problems = _row_problems(row, fmt, f)
+        if problems:
+            raise problems[0]
+        examples.append(_ranked_from_row(row, f, fmt))
+    return examples
+
+
+def best_answers(examples: Sequence[RankedExample]) -> list[SFTExample]:
+    """The highest-scored answer of each prompt (the first of those tied for best), for SFT."""
+    out = []
+    for e in examples:
+        best = max(range(len(e.scores)), key=lambda k: (e.scores[k], -k))
+        out.append(SFTExample(e.prompt, e.completions[best], e.line, e.source))
+    return out
+
+
 def to_unpaired(rows: Sequence[Row], fields: Fields | None = None) -> list[UnpairedExample]:
     """Convert KTO rows (prompt, completion, label) to :class:`UnpairedExample`.
 
@@ -257,6 +322,8 @@ def to_sft(rows: Sequence[Row], fmt: str, fields: Fields | None = None) -> list[
     if fmt == "unpaired":
         return [SFTExample(e.prompt, e.completion, e.line, e.source)
                 for e in to_unpaired(rows, f) if e.label]
+    if fmt in RANKED_FORMATS:
+        return best_answers(to_ranked(rows, fmt, f))
     if fmt not in ("completion", "messages"):
         raise DataError(f"unknown data format '{fmt}'; known formats: "
                         + ", ".join(FORMAT_DESCRIPTIONS))
@@ -283,11 +350,15 @@ _FIELD_KINDS: dict[str, Callable[[Fields], list[tuple[str, str]]]] = {
     "unpaired": lambda f: [(f.prompt, "any"), (f.completion, "any"), (f.label, "label")],
     "completion": lambda f: [(f.prompt, "any"), (f.completion, "any")],
     "messages": lambda f: [(f.messages, "messages")],
+    "ranked": lambda f: [(f.prompt, "any"), (f.completions, "answers"), (f.scores, "scores")],
+    "ultrafeedback": lambda f: [(f.prompt, "any"), (f.completions, "objects")],
 }
 
 
 def _row_problems(row: Row, fmt: str, f: Fields) -> list[DataError]:
     """Every missing, null, mistyped or empty field of ``row`` for format ``fmt``."""
+    if fmt == "ultrafeedback":
+        f = _ultrafeedback_fields(row, f)
     problems = []
     for field, kind in _FIELD_KINDS[fmt](f):
         message = _field_problem(row.data, field, kind)
@@ -306,6 +377,8 @@ def _field_problem(data: dict, field: str, kind: str) -> str | None:
     if kind == "label":
         return None if _parse_label(value) is not None else (
             f"expected true or false, got {value!r}")
+    if kind in ("answers", "scores", "objects"):
+        return _list_problem(value, kind)
     if isinstance(value, str):
         if kind == "messages":
             return "expected a list of messages ({'role': ..., 'content': ...}), got a string"
@@ -317,6 +390,59 @@ def _field_problem(data: dict, field: str, kind: str) -> str | None:
     expected = {"text": "a string", "messages": "a list of messages"}.get(
         kind, "a string or a list of messages")
     return f"expected {expected}, got {type(value).__name__}"
+
+
+def _list_problem(value: Any, kind: str) -> str | None:
+    """Why ``value`` is not a list of K >= 2 answers / numeric scores / answer objects, or None."""
+    what = {"answers": "answers", "scores": "scores", "objects": "answer objects"}[kind]
+    if not isinstance(value, list):
+        return f"expected a list of {what}, got {type(value).__name__}"
+    if kind != "scores" and len(value) < 2:
+        return f"needs at least 2 answers to rank, got {len(value)}"
+    for k, item in enumerate(value, start=1):
+        if kind == "scores":
+            if _number(item) is None:
+                return f"score {k}: expected a finite number, got {item!r}"
+        elif kind == "objects":
+            if not isinstance(item, dict):
+                return f"answer {k}: expected an object with the response and its ratings, got {type(item).__name__}"
+        else:
+            problem = _field_problem({"answer": item}, "answer", "any")
+            if problem is not None:
+                return f"answer {k}: {problem}"
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """A finite score as a float (numeric text too, as CSV and UltraFeedback's ratings hold), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _dotted(obj: Any, path: str) -> Any:
+    """``obj["a"]["b"]`` for the path ``"a.b"``; a key that itself holds dots is tried whole first."""
+    if isinstance(obj, dict) and path in obj:
+        return obj[path]
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            raise KeyError(key)
+        obj = obj[key]
+    return obj
+
+
+def _ultrafeedback_fields(row: Row, f: Fields) -> Fields:
+    """UltraFeedback calls its prompt ``instruction``: use that when the prompt field is absent."""
+    if f.prompt not in row.data and ULTRAFEEDBACK_PROMPT in row.data:
+        return replace(f, prompt=ULTRAFEEDBACK_PROMPT)
+    return f
 
 
 def _messages_problem(messages: list) -> str | None:
@@ -462,6 +588,39 @@ _PAIR_CONVERTERS: dict[str, Callable[[Row, Fields], PreferencePair]] = {
 }
 
 
+def _ranked_from_row(row: Row, f: Fields, fmt: str) -> RankedExample:
+    """A K-answer row whose fields have been checked: read the answers and their scores."""
+    if fmt == "ultrafeedback":
+        f = _ultrafeedback_fields(row, f)
+        answers, scores = [], []
+        for k, item in enumerate(row.data[f.completions], start=1):
+            where = f"answer {k}"
+            problem = _field_problem(item, f.response, "any") if isinstance(item, dict) else "not an object"
+            if problem is not None:
+                raise DataError(f"{where}: '{f.response}' {problem}", source=row.source, line=row.line,
+                                field=f.completions)
+            try:
+                rating = _dotted(item, f.rating)
+            except KeyError:
+                raise DataError(f"{where} has no rating '{f.rating}' (its keys: {', '.join(map(str, item))}); "
+                                "choose the rating with --rating-field", source=row.source, line=row.line,
+                                field=f.completions) from None
+            score = _number(rating)
+            if score is None:
+                raise DataError(f"{where}: rating '{f.rating}' is {rating!r}, not a number", source=row.source,
+                                line=row.line, field=f.completions)
+            answers.append(item[f.response])
+            scores.append(score)
+    else:
+        answers = list(row.data[f.completions])
+        scores = [_number(v) for v in row.data[f.scores]]
+        if len(scores) != len(answers):
+            raise DataError(f"{len(answers)} answers but {len(scores)} scores; give one score per answer",
+                            source=row.source, line=row.line, field=f.scores)
+    prompt, aligned = _align(row.data[f.prompt], answers)
+    return RankedExample(prompt, aligned, scores, row.line, row.source)
+
+
 def _unpaired_from_row(row: Row, f: Fields) -> UnpairedExample:
     """KTO row whose fields have been checked."""
     prompt, (completion,) = _align(row.data[f.prompt], [row.data[f.completion]])
@@ -493,6 +652,8 @@ def _row_converter(fmt: str) -> Callable[[Row, Fields], object]:
     """The single-row conversion for ``fmt`` (used by :func:`validate_rows`)."""
     if fmt in _PAIR_CONVERTERS:
         return _PAIR_CONVERTERS[fmt]
+    if fmt in RANKED_FORMATS:
+        return lambda row, f: _ranked_from_row(row, f, fmt)
     return {"unpaired": _unpaired_from_row, "completion": _sft_from_completion_row,
             "messages": _sft_from_messages_row}[fmt]
 

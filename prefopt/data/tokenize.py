@@ -30,12 +30,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.data.formats import PreferencePair, SFTExample, UnpairedExample, Value, is_messages
+from prefopt.data.formats import (PreferencePair, RankedExample, SFTExample, UnpairedExample, Value,
+                                  is_messages)
 from prefopt.errors import ConfigError, DataError, ModelError
 
 DROP_EMPTY = "empty completion"
 DROP_IDENTICAL = "chosen==rejected"
 DROP_IDENTICAL_AFTER_TRUNCATION = "chosen==rejected after truncation"
+DROP_TIED = "every answer scored the same"
 
 #: Text tokenized with and without special tokens to learn what the tokenizer adds.
 _PROBE_TEXT = "hello world"
@@ -51,6 +53,7 @@ class TokenizedExample:
     line: int                        # 1-based line (JSONL/CSV) or row number of the source row
     label: bool | None = None        # KTO only: True = desirable
     truncated: bool = False
+    scores: list[float] | None = None  # K-answer rows only: one per completion, higher is better
 
 
 @dataclass
@@ -158,6 +161,20 @@ def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any,
                      [_templated(e.prompt, [e.completion]) for e in examples])
 
 
+def tokenize_ranked(examples: Sequence[RankedExample], tokenizer: Any,
+                    settings: TokenizeSettings | None = None,
+                    ) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenize K-answer examples; completions keep the row's order, ``scores`` beside them.
+
+    A row whose answers all have the same score says nothing about which is better, so it
+    is dropped (counted as ``every answer scored the same``).
+    """
+    rendered = [_render_texts(e.prompt, e.completions, tokenizer, e.source, e.line) for e in examples]
+    return _tokenize(rendered, [e.line for e in examples], None, tokenizer, settings or TokenizeSettings(),
+                     [_templated(e.prompt, e.completions) for e in examples],
+                     scores=[list(e.scores) for e in examples])
+
+
 def truncate_ids(prompt_ids: list[int], completions: list[list[int]], max_length: int,
                  max_prompt_length: int | None, bos_id: int | None,
                  ) -> tuple[list[int], list[list[int]], bool]:
@@ -203,9 +220,13 @@ def render_example(example: TokenizedExample, tokenizer: Any) -> str:
         notes.append("desirable" if example.label else "undesirable")
     out = [f"example {example.index} ({', '.join(notes)})",
            f"  prompt    (masked, {len(example.prompt_ids)} tokens): [{prompt_text}]"]
-    names = (["chosen", "rejected"] if len(example.completions) == 2
-             else [f"completion {i + 1}" if len(example.completions) > 1 else "completion"
-                   for i in range(len(example.completions))])
+    if example.scores is not None:
+        names = [f"answer {i + 1}, score {score:g}" for i, score in enumerate(example.scores)]
+    elif len(example.completions) == 2:
+        names = ["chosen", "rejected"]
+    else:
+        names = [f"completion {i + 1}" if len(example.completions) > 1 else "completion"
+                 for i in range(len(example.completions))]
     for name, ids in zip(names, example.completions):
         full = decode(example.prompt_ids + ids)
         text = full[len(prompt_text):] if full.startswith(prompt_text) else decode(ids)
@@ -297,7 +318,7 @@ def _encode_prompts(tokenizer: Any, texts: list[str], specials: SpecialTokens,
 
 def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
               labels: list[bool] | None, tokenizer: Any, settings: TokenizeSettings,
-              templated: list[bool] | None = None,
+              templated: list[bool] | None = None, scores: list[list[float]] | None = None,
               ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Shared path of the three public tokenize functions (see the module docstring)."""
     specials = SpecialTokens.of(tokenizer)
@@ -331,6 +352,8 @@ def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
         prompt, comps, truncated = truncate_ids(prompt, comps, settings.max_length,
                                                 settings.max_prompt_length, specials.bos_id)
         reason = _drop_reason(comps, identical_before)
+        if reason is None and scores is not None and len(set(scores[row])) == 1:
+            reason = DROP_TIED
         if reason is not None:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
             continue
@@ -338,7 +361,8 @@ def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
         examples.append(TokenizedExample(prompt_ids=prompt, completions=comps,
                                          index=len(examples), line=lines[row],
                                          label=None if labels is None else labels[row],
-                                         truncated=truncated))
+                                         truncated=truncated,
+                                         scores=None if scores is None else scores[row]))
     stats.rows_kept = len(examples)
     return examples, stats
 
