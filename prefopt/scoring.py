@@ -13,7 +13,8 @@ from prefopt.logprobs import completion_logps
 from prefopt.losses import LossParams, PairLogps, compute_loss, needs_reference
 from prefopt.modeling import load_causal_lm, load_tokenizer
 from prefopt.fastpath import requested_features
-from prefopt.train import announce, batches, effective_logps, loss_params, settle_fast_paths
+from prefopt.train import (ranked_losses, announce, batches, check_ranked, effective_logps, loss_params,
+                           settle_fast_paths)
 
 log = logging.getLogger("prefopt")
 
@@ -66,9 +67,17 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
     if needs_reference(cfg.loss_type, cfg.reference_free):
         ref, _ = table(cfg.ref_model or cfg.model, "reference")
     params: LossParams = loss_params(cfg)
-    policy_pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
-    ref_pairs = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
-    out = compute_loss(cfg.loss_type, cfg.loss_weights, policy_pairs, ref_pairs, params)
+    ranked = examples[0].scores is not None
+    if ranked:  # K answers: the training loss over the derived pairs (or Plackett-Luce); chosen = best, rejected = worst
+        check_ranked(cfg, data)
+        scores = torch.tensor([ex.scores for ex in examples], dtype=torch.float32)
+        _, out, best_worst = ranked_losses(pol, ref, tok, scores, cfg, params)
+        chosen_logps, rejected_logps = best_worst.chosen, best_worst.rejected
+    else:
+        policy_pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
+        ref_pairs = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
+        out = compute_loss(cfg.loss_type, cfg.loss_weights, policy_pairs, ref_pairs, params)
+        chosen_logps, rejected_logps = pol[:, 0], pol[:, 1]
     margins = out.chosen_rewards - out.rejected_rewards
     result: dict[str, Any] = {
         "data": cfg.data,
@@ -78,15 +87,21 @@ def score_file(cfg: TrainConfig) -> dict[str, Any]:
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": margins.mean().item(),
         "rewards/accuracies": (margins > 0).float().mean().item(),
-        "logps/chosen": pol[:, 0].mean().item(),
-        "logps/rejected": pol[:, 1].mean().item(),
+        "logps/chosen": chosen_logps.mean().item(),
+        "logps/rejected": rejected_logps.mean().item(),
         **{k: v.item() for k, v in out.metrics.items()},
         "per_example": [],
     }
     for i, ex in enumerate(examples):
-        row = {"line": ex.line, "policy_chosen_logps": pol[i, 0].item(), "policy_rejected_logps": pol[i, 1].item()}
-        if ref is not None:
-            row.update(ref_chosen_logps=ref[i, 0].item(), ref_rejected_logps=ref[i, 1].item())
+        if ranked:
+            real = [k for k, v in enumerate(ex.scores) if v == v]   # NaN marks a filler completion
+            row = {"line": ex.line, "scores": [ex.scores[k] for k in real], "policy_logps": pol[i, real].tolist()}
+            if ref is not None:
+                row["ref_logps"] = ref[i, real].tolist()
+        else:
+            row = {"line": ex.line, "policy_chosen_logps": pol[i, 0].item(), "policy_rejected_logps": pol[i, 1].item()}
+            if ref is not None:
+                row.update(ref_chosen_logps=ref[i, 0].item(), ref_rejected_logps=ref[i, 1].item())
         row["loss"] = out.losses[i].item()
         result["per_example"].append(row)
     return result

@@ -599,7 +599,7 @@ def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig,
         out = kto_loss(pol[:, 0], ref_own, batch.labels, pol[:, 1], ref_kl, params, kl=kl)
         return out.losses, out, pairs
     if batch.scores is not None:
-        return _ranked_losses(pol, ref, tok, batch.scores.to(pol.device), cfg, params)
+        return ranked_losses(pol, ref, tok, batch.scores.to(pol.device), cfg, params)
     pairs = PairLogps(pol[:, 0], pol[:, 1], tok[:, 0], tok[:, 1])
     ref_pair = PairLogps(ref[:, 0], ref[:, 1], tok[:, 0], tok[:, 1]) if ref is not None else None
     weights = None
@@ -614,7 +614,7 @@ def _pair_losses(seq: SeqLogps, batch: PackedBatch, reference, cfg: TrainConfig,
 _K_DUPLICATES = ("rewards/best", "rewards/worst", "rewards/margin")
 
 
-def _ranked_losses(pol: torch.Tensor, ref: torch.Tensor | None, tok: torch.Tensor, scores: torch.Tensor,
+def ranked_losses(pol: torch.Tensor, ref: torch.Tensor | None, tok: torch.Tensor, scores: torch.Tensor,
                    cfg: TrainConfig, params: LossParams) -> tuple[torch.Tensor, LossOutput, PairLogps]:
     """Per-prompt losses for K answers per prompt: Plackett-Luce, or a pairwise loss over the derived pairs.
 

@@ -20,7 +20,7 @@ from prefopt.errors import ConfigError, DataError
 from prefopt.inputs import ranked_layout
 from prefopt.logprobs import completion_logps
 from prefopt.losses import LossParams
-from prefopt.train import _ranked_losses, loss_units, train
+from prefopt.train import ranked_losses, loss_units, train
 
 FAST = dict(batch_size=8, learning_rate=5e-3, lr_scheduler="constant", progress=False, logging_steps=1)
 
@@ -131,14 +131,14 @@ def test_tokenize_drops_all_tied_rows_and_layout_pads_to_k(tiny_tokenizer):
 # ---------------------------------------------------------------------------- the losses in the loop
 
 
-def test_ranked_losses_by_hand():
+def testranked_losses_by_hand():
     beta = 0.5
     pol = torch.tensor([[-1.0, -3.0, -2.0, -9.0]])
     ref = torch.tensor([[-1.5, -2.0, -2.5, -4.0]])
     scores = torch.tensor([[3.0, 1.0, 2.0, float("nan")]])       # answer 4 is filler
     tok = torch.ones_like(pol)
     cfg = TrainConfig(beta=beta)
-    losses, out, logps = _ranked_losses(pol, ref, tok, scores, cfg, LossParams(beta=beta))
+    losses, out, logps = ranked_losses(pol, ref, tok, scores, cfg, LossParams(beta=beta))
     r = [beta * (p - q) for p, q in zip(pol[0, :3].tolist(), ref[0, :3].tolist())]   # 0.25, -0.5, 0.25
     pairs = [(0, 1), (0, 2), (2, 1)]
     want = sum(-math.log(1 / (1 + math.exp(-(r[i] - r[j])))) for i, j in pairs) / 3
@@ -148,14 +148,14 @@ def test_ranked_losses_by_hand():
     assert "rewards/kendall_tau" in out.metrics and "rewards/best" not in out.metrics
     # pair weighting: the prompt's loss is the SUM over its pairs, the batch divides by the pair count
     pair_cfg = TrainConfig(beta=beta, k_weighting="pair")
-    summed, _, _ = _ranked_losses(pol, ref, tok, scores, pair_cfg, LossParams(beta=beta))
+    summed, _, _ = ranked_losses(pol, ref, tok, scores, pair_cfg, LossParams(beta=beta))
     assert summed.item() == pytest.approx(3 * want, abs=1e-6)
     # best vs worst: one pair
-    bw, _, _ = _ranked_losses(pol, ref, tok, scores, TrainConfig(beta=beta, k_pairing="best_vs_worst"),
+    bw, _, _ = ranked_losses(pol, ref, tok, scores, TrainConfig(beta=beta, k_pairing="best_vs_worst"),
                               LossParams(beta=beta))
     assert bw.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(r[0] - r[1])))), abs=1e-6)
     # Plackett-Luce over the ranking 0 > 2 > 1
-    pl, _, _ = _ranked_losses(pol, ref, tok, scores, TrainConfig(beta=beta, loss_type=["plackett_luce"]),
+    pl, _, _ = ranked_losses(pol, ref, tok, scores, TrainConfig(beta=beta, loss_type=["plackett_luce"]),
                               LossParams(beta=beta))
     order = [0, 2, 1]
     want_pl = -sum(r[order[k]] - math.log(sum(math.exp(r[j]) for j in order[k:])) for k in range(3))
@@ -290,3 +290,14 @@ def test_data_check_reports_ranked_rows_as_best_vs_worst(tmp_path, tiny_model_di
     renamed = write_jsonl([{"q": "sky:", "a": [" dark day", " sunny day"], "s": [0, 2]}], tmp_path / "r.jsonl")
     assert main(["data", "check", str(renamed), "--prompt-field", "q", "--completions-field", "a",
                  "--scores-field", "s", "--format", "json"]) == 0
+
+
+def test_eval_scores_k_answer_files_with_the_training_loss(tiny_model_dir, tmp_path, cache_dir):
+    from prefopt.scoring import score_file
+
+    path = write_jsonl(ranked_rows(6, seed=7), tmp_path / "k.jsonl")
+    result = score_file(TrainConfig(model=str(tiny_model_dir), data=str(path)))
+    assert result["loss"] == pytest.approx(math.log(2), abs=1e-6)        # the model is its own reference
+    assert result["rewards/kendall_tau"] == pytest.approx(0.0, abs=1e-6)
+    row = result["per_example"][0]
+    assert len(row["scores"]) == len(row["policy_logps"]) == len(ranked_rows(6, seed=7)[0]["completions"])
