@@ -730,14 +730,16 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
 # What fixes the data position of a checkpoint: the order of the examples and how many a step takes.
 RUN_SETTINGS = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "num_processes": "the number of processes",
                 "max_length": "--max-length", "max_prompt_length": "--max-prompt-length", "seed": "--seed",
-                "shuffle": "--shuffle", "data": "the training data (its token ids)"}
+                "shuffle": "--shuffle", "group_by_prompt": "--group-by-prompt",
+                "data": "the training data (its token ids)"}
 
 
 def run_signature(cfg: TrainConfig, num_processes: int, train_digest: str) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (see :func:`check_same_run`)."""
     return {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": num_processes,
             "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "seed": cfg.seed,
-            "shuffle": cfg.shuffle, "data": train_digest}
+            "shuffle": cfg.shuffle, "group_by_prompt": cfg.group_by_prompt and cfg.prefix_sharing,
+            "data": train_digest}
 
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
