@@ -135,8 +135,9 @@ class TrainConfig:
                                 "(off under --gradient-checkpointing and --compile)", group="speed")
     block_attention: bool = opt(True, "attention per segment, skipping the blocks the mask hides "
                                 "(SDPA models; --no-block-attention: one masked SDPA call per row)", group="speed")
-    lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk at most (fewer for large vocabularies, "
-                                  "so a chunk's float32 logits stay under 64 MiB)", group="speed")
+    lm_head_chunk_size: int = opt(1024, "tokens per LM-head chunk at most (fewer for large vocabularies: on the "
+                                  "CPU a chunk's float32 logits stay under 64 MiB, on a GPU under 1/16 of its "
+                                  "free memory)", group="speed")
     full_lm_head: bool = opt(False, "the model's own LM head over every position instead of the fused head "
                              "(chosen by the fast-path check for heads it cannot reproduce)", group="speed")
     plain_path: bool = opt(False, "every sequence on its own with a 2-D padding mask and the model's own head: "

@@ -334,15 +334,23 @@ def _chunk_logps(head, config, hidden: torch.Tensor, targets: torch.Tensor, with
     return token_logps, log_sq
 
 
-# A chunk's float32 logits stay under 2**24 elements (64 MiB): 1024 tokens at a 16k vocabulary,
-# 110 at Qwen2's 152k. A fixed token count would make the chunk grow with the vocabulary, and the
-# forward's logits and the backward's gradient buffer exist while every activation is still alive.
+# On the CPU a chunk's float32 logits stay under 2**24 elements (64 MiB): 1024 tokens at a 16k
+# vocabulary, 110 at Qwen2's 152k. A fixed token count would make the chunk grow with the vocabulary,
+# and the forward's logits and the backward's gradient buffer exist while every activation is still
+# alive. That is what measured best on the CPU; on a GPU 110-row products leave it idle, so there a
+# chunk may take an eighth of the free memory (logits and gradient buffer: a sixteenth each).
 HEAD_CHUNK_ELEMENTS = 1 << 24
+GPU_FREE_MEMORY_SHARE = 16
 
 
-def head_chunk_tokens(max_tokens: int, vocab: int) -> int:
-    """Tokens per LM-head chunk: at most ``max_tokens``, fewer for large vocabularies."""
-    return max(16, min(max_tokens, HEAD_CHUNK_ELEMENTS // max(vocab, 1)))
+def head_chunk_tokens(max_tokens: int, vocab: int, free_bytes: int | None = None) -> int:
+    """Tokens per LM-head chunk: at most ``max_tokens``, fewer for large vocabularies.
+
+    ``free_bytes``: the GPU's free memory, which sizes the chunk there (None on the CPU)."""
+    budget = HEAD_CHUNK_ELEMENTS
+    if free_bytes is not None:
+        budget = max(budget, free_bytes // GPU_FREE_MEMORY_SHARE // 4)
+    return max(16, min(max_tokens, budget // max(vocab, 1)))
 
 
 def completion_logps(
@@ -374,7 +382,8 @@ def completion_logps(
         parts, sq_parts = [], []
         grad = torch.is_grad_enabled() and picked.requires_grad
         fused = grad and not with_wpo and _plain_head(head, config)
-        chunk_size = head_chunk_tokens(chunk_size, head.weight.shape[0])
+        free = torch.cuda.mem_get_info(picked.device)[0] if picked.is_cuda else None
+        chunk_size = head_chunk_tokens(chunk_size, head.weight.shape[0], free)
         for start in range(0, picked.shape[0], chunk_size):
             h = picked[start:start + chunk_size]
             t = batch.target_ids[start:start + chunk_size]

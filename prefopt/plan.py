@@ -250,7 +250,8 @@ def estimate(model: ModelShape, data: DataShape, setup: Setup) -> Estimate:
     if setup.full_lm_head:
         parts["LM-head logits"] = 3 * T * V * 4
     else:
-        C = min(head_chunk_tokens(setup.lm_head_chunk_size, V), S)
+        # on a GPU the chunk grows with the free memory (see head_chunk_tokens): count the largest it may be
+        C = min(head_chunk_tokens(setup.lm_head_chunk_size, V) if setup.host else setup.lm_head_chunk_size, S)
         parts["LM-head chunk"] = 2 * C * V * 4 + S * H * 4
     # reference: a live second copy in the weights' dtype (none with the cache, or LoRA's adapters off)
     if setup.live_reference:

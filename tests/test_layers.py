@@ -167,6 +167,11 @@ def test_head_chunks_shrink_for_large_vocabularies(monkeypatch):
     assert lp.head_chunk_tokens(1024, 8192) == 1024
     assert lp.head_chunk_tokens(1024, 151_936) == 110
     assert lp.head_chunk_tokens(1024, 10**9) == 16
+    # on a GPU the free memory sizes the chunk: 1024 rows of a 152k vocabulary with 100 GiB free,
+    # never below the CPU's budget, never above --lm-head-chunk-size
+    assert lp.head_chunk_tokens(1024, 151_936, free_bytes=100 << 30) == 1024
+    assert lp.head_chunk_tokens(1024, 151_936, free_bytes=1 << 30) == 110
+    assert lp.head_chunk_tokens(1024, 151_936, free_bytes=4 << 30) == (4 << 30) // 64 // 151_936 == 441
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMALL)).train()
     batch = collate(examples(), pad_token_id=0)
