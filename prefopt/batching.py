@@ -13,10 +13,12 @@ is computed twice and up to half the slots are padding. Here:
   longest segment of the micro-batch; the mask is block-diagonal across segments.
   Rows are therefore never longer than an unpacked padded batch would be, and there
   are fewer of them.
-* **A gather plan.** For every completion token we record which hidden state predicts
-  it (the previous position, or the prompt's last token for a completion's first
+* **A gather plan.** For every scored completion token we record which hidden state
+  predicts it (the previous position, or the prompt's last token for a completion's first
   token), its target id, and the sequence it belongs to. The LM head then runs on
-  those positions only (see :mod:`prefopt.logprobs`).
+  those positions only (see :mod:`prefopt.logprobs`). A completion's masked tokens (the
+  user turns between its assistant turns, ``TokenizedExample.completion_masks``) are in
+  the row as context and get no entry.
 
 Switching either technique off gives the plain layouts, which are kept for the
 benchmark's ablations and as the reference in the equivalence tests.
@@ -46,7 +48,7 @@ class PackedBatch:
     hidden_index: torch.Tensor     # [T] flat index (r * L + position) of the predicting hidden state
     target_ids: torch.Tensor       # [T] the completion token to score
     token_seq: torch.Tensor        # [T] sequence id of each scored token
-    token_pos: torch.Tensor        # [T] 0-based position of the token inside its completion
+    token_pos: torch.Tensor        # [T] 0-based position of the token among its completion's scored tokens
     num_seqs: int
     num_completions: int
     example_index: torch.Tensor    # [E] dataset index of each example in the batch
@@ -116,12 +118,33 @@ def _segments(examples: list["TokenizedExample"], prefix_sharing: bool,
         seg, laid = by_prompt[key]
         for j, c in enumerate(ex.completions):
             seq = slot * n_comp + j
-            if group and tuple(c) in laid:
-                alias[seq] = laid[tuple(c)]
+            same = (tuple(c), _mask_key(ex, j))  # a copy is scored from the first: same tokens, same mask
+            if group and same in laid:
+                alias[seq] = laid[same]
                 continue
-            laid[tuple(c)] = seq
+            laid[same] = seq
             seg.append((seq, c, len(seg)))
     return segments, alias
+
+
+def _mask_key(ex: "TokenizedExample", j: int) -> tuple[bool, ...] | None:
+    """Completion ``j``'s mask as a key, None when every token is scored (examples without
+    ``completion_masks`` -- any object with prompt ids and completions -- score every token)."""
+    masks = getattr(ex, "completion_masks", None)
+    return None if masks is None or all(masks[j]) else tuple(masks[j])
+
+
+def _scored(examples: list["TokenizedExample"], seq: int) -> range | list[int]:
+    """The indices of sequence ``seq``'s scored tokens (all of them unless its example masks some)."""
+    slot, j = divmod(seq, len(examples[0].completions))
+    ex = examples[slot]
+    masks = getattr(ex, "completion_masks", None)
+    if masks is None:
+        return range(len(ex.completions[j]))
+    if len(masks[j]) != len(ex.completions[j]):
+        raise ValueError(f"example at line {ex.line}: completion {j} has {len(masks[j])} mask entries "
+                         f"for {len(ex.completions[j])} tokens")
+    return [k for k, keep in enumerate(masks[j]) if keep]
 
 
 def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -199,20 +222,22 @@ def collate(
                 if part != 0:
                     # token k is predicted by the hidden state before it; token 0 by the prompt's last.
                     preds = [prompt_start + P - 1] + list(range(cursor, cursor + n - 1))
-                    plan[seq] = [r * L + p for p in preds]
+                    keep = _scored(examples, seq)
+                    plan[seq] = [r * L + preds[k] for k in keep]
                     hidden_index.extend(plan[seq])
-                    target_ids.extend(ids)
-                    token_seq.extend([seq] * n)
-                    token_pos.extend(range(n))
+                    target_ids.extend(ids[k] for k in keep)
+                    token_seq.extend([seq] * len(keep))
+                    token_pos.extend(range(len(keep)))
                 cursor += n
         layout.append(tuple(row_layout))
     for seq, source in sorted(alias.items()):  # a repeated completion: scored again from its first copy
         slot, j = divmod(source, len(examples[0].completions))
         ids = examples[slot].completions[j]
+        keep = _scored(examples, source)
         hidden_index.extend(plan[source])
-        target_ids.extend(ids)
-        token_seq.extend([seq] * len(ids))
-        token_pos.extend(range(len(ids)))
+        target_ids.extend(ids[k] for k in keep)
+        token_seq.extend([seq] * len(keep))
+        token_pos.extend(range(len(keep)))
 
     if plain:
         mask = seg_id >= 0

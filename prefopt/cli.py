@@ -94,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
 # Modules that register more sub-commands with @command when imported; each keeps its heavy
 # imports inside its functions so `prefopt --help` stays fast.
 COMMAND_MODULES: list[str] = ["prefopt.commands.pipeline", "prefopt.commands.bench", "prefopt.commands.data_check",
-                              "prefopt.commands.plan"]
+                              "prefopt.commands.plan", "prefopt.commands.iterate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

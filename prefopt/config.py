@@ -68,6 +68,9 @@ class TrainConfig:
                                         "or half of --max-length when that is 512 or less", group="data")
     on_invalid: str = opt("error", "invalid rows: stop before training, or skip them and write them to "
                           "OUTPUT_DIR/rejected_rows.jsonl", ("error", "skip"), group="data")
+    all_assistant_turns: bool = opt(False, "multi-turn completions: train on each assistant turn after the "
+                                    "turns chosen and rejected share, the user and tool turns between them kept "
+                                    "as masked context (default: the whole completion is trained)", group="data")
     # output
     output_dir: str | None = opt(None, "where checkpoints, metrics.jsonl and final/ go", group="output")
     overwrite: bool = opt(False, "replace a different run already in --output-dir", group="output")

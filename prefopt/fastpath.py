@@ -43,6 +43,7 @@ from prefopt.atomic import write_json
 from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.attention import use_plain_attention, use_segment_attention
 from prefopt.batching import PackedBatch, collate, split_rows
+from prefopt.data.tokenize import cut_masks
 from prefopt.layers import (
     original_forwards,
     rebuild_norm_outputs,
@@ -205,7 +206,19 @@ def _companion(ex, index: int):
     scored from its first copy), which data with several pairs per prompt gets."""
     comps = [list(c) for c in ex.completions]
     comps[-1] = comps[-1][:max(1, len(comps[-1]) // 2)]
-    return replace(ex, completions=comps, index=index)
+    return replace(ex, completions=comps, index=index, **_masks_cut(ex, comps))
+
+
+def _shortened(ex, n: int):
+    """``ex`` with its prompt's last ``n`` tokens and each completion's first ``n`` (masks cut along)."""
+    comps = [c[:n] for c in ex.completions]
+    return replace(ex, prompt_ids=ex.prompt_ids[-n:], completions=comps, **_masks_cut(ex, comps))
+
+
+def _masks_cut(ex, comps: list[list[int]]) -> dict:
+    """``completion_masks`` cut to ``comps``, as a ``replace`` argument (none for examples that mask nothing)."""
+    masks = getattr(ex, "completion_masks", None)
+    return {} if masks is None else {"completion_masks": cut_masks(masks, comps)}
 
 
 def grad_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -322,8 +335,7 @@ def decide(model: torch.nn.Module, rows: Sequence, requested: dict[str, bool], *
     # gradients; gradients on the shortest rows only: a backward's faults do not depend on length,
     # and the plain path keeps every activation of what it differentiates (no lean forwards there).
     shortest = sorted(rows, key=lambda ex: len(ex.prompt_ids) + sum(len(c) for c in ex.completions))[:2]
-    grad_rows = [replace(ex, prompt_ids=ex.prompt_ids[-GRAD_TOKENS:], completions=[c[:GRAD_TOKENS] for c in
-                                                                                  ex.completions]) for ex in shortest]
+    grad_rows = [_shortened(ex, GRAD_TOKENS) for ex in shortest]
     common = dict(pad_id=pad_id, split=split, chunk_size=chunk_size, device=device, autocast=autocast)
     with plain_model(model):
         reference = measure(model, rows, features=dict.fromkeys(ORDER, False), train_mode=False, with_grad=False,
@@ -432,12 +444,18 @@ def versions() -> dict[str, str]:
             "prefopt": getattr(prefopt, "__version__", "0")}
 
 
+def _row_key(ex) -> list:
+    """A check row as the cache key sees it: its ids, and its completion masks when it has any."""
+    masks = getattr(ex, "completion_masks", None)
+    return [ex.prompt_ids, ex.completions] + ([masks] if masks is not None else [])
+
+
 def check_key(weights_digest: str, model: torch.nn.Module, rows: Sequence, requested: dict[str, bool],
               **settings) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"v": CHECK_VERSION, "w": weights_digest, "c": config_digest(model), "env": versions(),
                          "arch": type(model).__name__, "attn": _attn(model), "req": requested,
-                         "rows": [[ex.prompt_ids, ex.completions] for ex in rows], **settings},
+                         "rows": [_row_key(ex) for ex in rows], **settings},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 

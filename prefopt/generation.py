@@ -354,6 +354,20 @@ def score_samples(judge, prompts: list[Prompt], samples: list[list[Sample]]) -> 
 PAIRINGS = ("best-worst", "all", "bradley-terry")
 
 
+def _usable_samples(row: list[Sample], row_scores: list[float], keep_truncated: bool,
+                    skipped: dict[str, int]) -> tuple[list[Sample], list[float]]:
+    """The samples of one prompt that may enter preference data, with their scores.
+
+    Cut samples (``finished`` False) go unless ``keep_truncated``, then empty ones; each
+    removal is counted in ``skipped`` (``truncated_samples``, ``empty_samples``).
+    """
+    whole = [k for k, smp in enumerate(row) if keep_truncated or smp.finished]
+    skipped["truncated_samples"] += len(row) - len(whole)
+    keep = [k for k in whole if row[k].text.strip()]
+    skipped["empty_samples"] += len(whole) - len(keep)
+    return [row[k] for k in keep], [row_scores[k] for k in keep]
+
+
 def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch.Tensor, pairing: str = "best-worst",
                *, seed: int = 0, bt_scale: float = 1.0, keep_truncated: bool = True,
                ) -> tuple[list[dict], dict[str, int]]:
@@ -386,13 +400,7 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
                      "rejected_score": s_lose, "prompt_index": i, **extra})
 
     for i, full_row in enumerate(samples):
-        all_scores = scores[i].tolist()
-        whole = [k for k, smp in enumerate(full_row) if keep_truncated or smp.finished]
-        skipped["truncated_samples"] += len(full_row) - len(whole)
-        keep = [k for k in whole if full_row[k].text.strip()]
-        skipped["empty_samples"] += len(whole) - len(keep)
-        row = [full_row[k] for k in keep]
-        s = [all_scores[k] for k in keep]
+        row, s = _usable_samples(full_row, scores[i].tolist(), keep_truncated, skipped)
         if len(row) < 2:
             skipped["too_few_samples"] += 1
             continue
@@ -430,44 +438,115 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
     return rows, skipped
 
 
-def sample_pairs(*, model: str, prompts: list[Prompt], judge: str, settings: GenerationSettings,
-                 pairing: str = "best-worst", bt_scale: float = 1.0, tokenizer: str | None = None,
-                 dtype: str = "float32", attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                 judge_batch_size: int = 16, keep_truncated: bool = False) -> tuple[list[dict], dict[str, Any]]:
-    """`prefopt sample`: generate, judge, pair. Returns the rows and a summary of the run.
+def make_ranked(prompts: list[Prompt], samples: list[list[Sample]], scores: torch.Tensor, *,
+                keep_truncated: bool = True) -> tuple[list[dict], dict[str, int]]:
+    """K-answer rows ``{"prompt", "completions", "scores"}`` from judged samples, one per prompt.
 
-    Samples cut at ``settings.max_new_tokens`` are left out of the pairs unless
-    ``keep_truncated`` (see :func:`make_pairs`); ``summary["truncated_samples"]`` counts
-    them either way.
+    The same samples are usable as in :func:`make_pairs` (no empty ones; no cut ones unless
+    ``keep_truncated``). A text sampled twice is kept once, with its first score: training
+    would otherwise compare an answer with itself. A prompt left with fewer than two
+    answers (``too_few_samples``) or whose answers all score the same (``tied``: no pair
+    of them carries a preference) yields no row. Rows also carry ``prompt_index`` and
+    ``finished`` (one flag per answer), which the trainer ignores.
+    """
+    rows: list[dict] = []
+    skipped = {"duplicate_samples": 0, "tied": 0, "truncated_samples": 0, "empty_samples": 0, "too_few_samples": 0}
+    for i, full_row in enumerate(samples):
+        usable, usable_scores = _usable_samples(full_row, scores[i].tolist(), keep_truncated, skipped)
+        seen: set[str] = set()
+        kept: list[tuple[Sample, float]] = []
+        for smp, score in zip(usable, usable_scores):
+            if smp.text in seen:
+                skipped["duplicate_samples"] += 1
+                continue
+            seen.add(smp.text)
+            kept.append((smp, score))
+        if len(kept) < 2:
+            skipped["too_few_samples"] += 1
+            continue
+        if len({score for _, score in kept}) == 1:
+            skipped["tied"] += 1
+            continue
+        rows.append({"prompt": prompts[i], "completions": [smp.text for smp, _ in kept],
+                     "scores": [score for _, score in kept], "prompt_index": i,
+                     "finished": [smp.finished for smp, _ in kept]})
+    return rows, skipped
+
+
+OUTPUT_FORMATS = ("pairs", "ranked")
+
+
+def judged_samples(*, model: str, prompts: list[Prompt], judge: str, settings: GenerationSettings,
+                   tokenizer: str | None = None, dtype: str = "float32", attn_implementation: str = "sdpa",
+                   trust_remote_code: bool = False, judge_batch_size: int = 16,
+                   ) -> tuple[list[list[Sample]], torch.Tensor]:
+    """``settings.num_samples`` samples of every prompt from ``model``, and the judge's score of each.
+
+    The judge is loaded first, so a bad ``--judge`` fails before any generation; the policy
+    is freed before scoring, so a reward model does not share memory with it for long.
     """
     from prefopt.judges import load_judge
     from prefopt.modeling import load_causal_lm, load_tokenizer
 
     settings.validate()
-    if pairing not in PAIRINGS:
-        raise ConfigError(f"--pairing: must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
-    if settings.num_samples < 2:
-        raise ConfigError(f"--num-samples: a preference pair needs at least 2 samples per prompt, "
-                          f"got {settings.num_samples}")
     device = default_device()
     scorer = load_judge(judge, device=device, batch_size=judge_batch_size, dtype=dtype,
-                        trust_remote_code=trust_remote_code)  # a bad judge fails before any generation
+                        trust_remote_code=trust_remote_code)
     tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
     prompt_ids = encode_prompts(tok, prompts, settings.max_prompt_length)
     policy = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation,
                             trust_remote_code=trust_remote_code).to(device)
     samples = generate(policy, tok, prompt_ids, settings)
     del policy
-    scores = score_samples(scorer, prompts, samples)
-    rows, skipped = make_pairs(prompts, samples, scores, pairing, seed=settings.seed, bt_scale=bt_scale,
-                               keep_truncated=keep_truncated)
+    return samples, score_samples(scorer, prompts, samples)
+
+
+def sampling_summary(samples: list[list[Sample]], scores: torch.Tensor, rows: list[dict], skipped: dict[str, int],
+                     *, keep_truncated: bool, output_format: str) -> dict[str, Any]:
+    """What `prefopt sample` prints and `prefopt iterate` records about one round of judged samples."""
     mean, stderr = mean_and_stderr(scores)
-    total = len(prompts) * settings.num_samples
+    total = sum(len(r) for r in samples)
     finished = sum(s.finished for r in samples for s in r)
-    summary = {"prompts": len(prompts), "samples": total, "pairs": len(rows),
-               "skipped": skipped, "score_mean": mean, "score_stderr": stderr,
-               "finished_fraction": finished / total, "truncated_samples": total - finished,
-               "keep_truncated": keep_truncated}
+    summary: dict[str, Any] = {"prompts": len(samples), "samples": total, "output_format": output_format,
+                               "rows": len(rows), "skipped": skipped, "score_mean": mean, "score_stderr": stderr,
+                               "finished_fraction": finished / max(1, total), "truncated_samples": total - finished,
+                               "keep_truncated": keep_truncated}
+    if output_format == "pairs":
+        summary["pairs"] = len(rows)
+    return summary
+
+
+def sample_pairs(*, model: str, prompts: list[Prompt], judge: str, settings: GenerationSettings,
+                 pairing: str = "best-worst", bt_scale: float = 1.0, tokenizer: str | None = None,
+                 dtype: str = "float32", attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 judge_batch_size: int = 16, keep_truncated: bool = False,
+                 output_format: str = "pairs") -> tuple[list[dict], dict[str, Any]]:
+    """`prefopt sample`: generate, judge, and write pairs or K-answer rows. Returns the rows and a summary.
+
+    ``output_format="pairs"`` pairs the samples as ``pairing`` says (:func:`make_pairs`);
+    ``"ranked"`` writes one row per prompt with all its usable samples and their scores
+    (:func:`make_ranked`), which K-answer training turns into pairs or a ranking itself.
+    Samples cut at ``settings.max_new_tokens`` are left out unless ``keep_truncated``;
+    ``summary["truncated_samples"]`` counts them either way.
+    """
+    settings.validate()
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output-format: must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"--pairing: must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+    if settings.num_samples < 2:
+        raise ConfigError(f"--num-samples: a preference needs at least 2 samples per prompt, "
+                          f"got {settings.num_samples}")
+    samples, scores = judged_samples(model=model, prompts=prompts, judge=judge, settings=settings,
+                                     tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation,
+                                     trust_remote_code=trust_remote_code, judge_batch_size=judge_batch_size)
+    if output_format == "ranked":
+        rows, skipped = make_ranked(prompts, samples, scores, keep_truncated=keep_truncated)
+    else:
+        rows, skipped = make_pairs(prompts, samples, scores, pairing, seed=settings.seed, bt_scale=bt_scale,
+                                   keep_truncated=keep_truncated)
+    summary = sampling_summary(samples, scores, rows, skipped, keep_truncated=keep_truncated,
+                               output_format=output_format)
     return rows, summary
 
 

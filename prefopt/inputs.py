@@ -96,8 +96,11 @@ def _kl_partner(examples: list[TokenizedExample], seed: int, max_length: int) ->
     out = []
     for ex in examples:
         room = max_length - len(ex.prompt_ids)
-        other = examples[partner[ex.index]].completions[0][:room]
-        out.append(replace(ex, completions=[ex.completions[0], other]))
+        source = examples[partner[ex.index]]
+        other = source.completions[0][:room]
+        masks = (None if ex.completion_masks is None and source.completion_masks is None
+                 else [ex.scored(0), source.scored(0)[:room]])
+        out.append(replace(ex, completions=[ex.completions[0], other], completion_masks=masks))
     return out
 
 
@@ -146,8 +149,9 @@ def ranked_layout(train: list[TokenizedExample], evals: list[TokenizedExample], 
         missing = k - len(ex.completions)
         if not missing:
             return ex
+        masks = None if ex.completion_masks is None else ex.completion_masks + [[True]] * missing
         return replace(ex, completions=ex.completions + [[filler]] * missing,
-                       scores=list(ex.scores) + [math.nan] * missing)
+                       scores=list(ex.scores) + [math.nan] * missing, completion_masks=masks)
 
     return [padded(ex) for ex in train], [padded(ex) for ex in evals]
 
@@ -174,7 +178,8 @@ def prepare_examples(cfg, tokenizer, mode: str, output_dir: Path | None) -> Exam
         rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     else:
         eval_rows = []
-    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                all_assistant_turns=cfg.all_assistant_turns)
     train, stats = _tokenize(rows, fmt, mode, tokenizer, settings, cfg)
     if not train:
         raise DataError(f"no usable examples left after tokenization ({stats.summary_line()})", source=cfg.data)

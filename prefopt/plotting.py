@@ -14,6 +14,10 @@ reward for the same KL. Its points come from JSON files of three shapes:
 * an object with a ``points`` list of such objects (the demo's ``summary.json`` and the
   reproduction's results).
 
+An iterate directory (`prefopt iterate`, holding ``rounds.jsonl``) gets a chart by round:
+the judge's reward and KL(policy || SFT) against the round, and reward against KL with
+the rounds joined in order, so the path the rounds took is seen next to the frontier.
+
 matplotlib runs with the non-interactive Agg backend: no display is needed.
 """
 from __future__ import annotations
@@ -228,3 +232,77 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, title: str 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def is_iterate_dir(path: str | Path) -> bool:
+    """True for a `prefopt iterate` output directory (it holds rounds.jsonl)."""
+    return (Path(path) / "rounds.jsonl").is_file()
+
+
+def read_rounds(iterate_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``DIR/rounds.jsonl``, in round order (unreadable lines are an error naming the line)."""
+    path = Path(iterate_dir) / "rounds.jsonl"
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg}", source=str(path), line=number) from None
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in ("round", "reward_mean",
+                                                                                            "kl"))):
+            raise DataError("a round's record needs numbers 'round', 'reward_mean' and 'kl'", source=str(path),
+                            line=number)
+        rows.append(row)
+    if not rows:
+        raise DataError("holds no rounds yet", source=str(path))
+    return sorted(rows, key=lambda r: r["round"])
+
+
+def plot_rounds(iterate_dirs: list[str | Path], path: str | Path, *, reward_label: str = "mean judge reward") -> Path:
+    """One PNG, three panels: reward by round, KL(policy || SFT) by round, and reward against KL.
+
+    Several iterate runs are drawn on the same axes, one line each, labelled by directory name.
+    """
+    plt = _pyplot()
+    runs = [(Path(d).name or str(d), read_rounds(d)) for d in iterate_dirs]
+    fig, (ax_r, ax_k, ax_f) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for label, rows in runs:
+        rounds = [r["round"] for r in rows]
+        rewards = [r["reward_mean"] for r in rows]
+        kls = [r["kl"] for r in rows]
+        r_err = [r.get("reward_stderr") or 0.0 for r in rows]
+        k_err = [r.get("kl_stderr") or 0.0 for r in rows]
+        ax_r.errorbar(rounds, rewards, yerr=r_err, fmt="o-", capsize=2, label=label)
+        ax_k.errorbar(rounds, kls, yerr=k_err, fmt="o-", capsize=2, label=label)
+        ax_f.errorbar(kls, rewards, xerr=k_err, yerr=r_err, fmt="o-", capsize=2, label=label)
+        for n, x, y in zip(rounds, kls, rewards):
+            ax_f.annotate(f"r{n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax_r.set(title="Reward by round", xlabel="round (0 = SFT model)", ylabel=reward_label)
+    ax_k.set(title="KL from the SFT model by round", xlabel="round (0 = SFT model)",
+             ylabel="KL(policy || SFT), nats per completion")
+    ax_f.set(title="Reward vs KL through the rounds", xlabel="KL(policy || SFT), nats per completion",
+             ylabel=reward_label)
+    for ax in (ax_r, ax_k):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (ax_r, ax_k, ax_f):
+        ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def iterate_train_runs(iterate_dir: str | Path) -> list[Path]:
+    """The training runs of an iterate directory's rounds (round-N/train), in round order."""
+    found = []
+    for d in Path(iterate_dir).glob("round-*/train"):
+        suffix = d.parent.name.removeprefix("round-")
+        if suffix.isdigit() and (d / "metrics.jsonl").is_file():
+            found.append((int(suffix), d))
+    return [d for _, d in sorted(found)]

@@ -91,6 +91,8 @@ def hash_examples(examples: Iterable) -> str:
         item = [ex.prompt_ids, ex.completions]
         if getattr(ex, "scores", None) is not None:  # K-answer rows: the scores decide what is trained
             item.append(ex.scores)
+        if getattr(ex, "completion_masks", None) is not None:  # which tokens are scored
+            item.append(ex.completion_masks)
         h.update(json.dumps(item).encode())
     return h.hexdigest()
 

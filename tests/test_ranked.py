@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import BAD, FILLER, GOOD, make_pairs, write_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from prefopt.batching import collate, prompt_groups, split_rows
 from prefopt.config import TrainConfig

@@ -147,11 +147,12 @@ def _read(file: str, split: str) -> tuple[list, list[DataError], int]:
 # ---------------------------------------------------------------------------- tokens
 
 
-def _tokenize(pairs: list, tokenizer) -> tuple[list, list[int], dict[int, str], list[DataError]]:
+def _tokenize(pairs: list, tokenizer, all_assistant_turns: bool = False,
+              ) -> tuple[list, list[int], dict[int, str], list[DataError]]:
     """Untruncated examples, lines with boundary merges, dropped lines (-> reason), render errors."""
     from prefopt.data import TokenizeSettings, tokenize_pairs
 
-    settings = TokenizeSettings(max_length=10**9, max_prompt_length=None)
+    settings = TokenizeSettings(max_length=10**9, max_prompt_length=None, all_assistant_turns=all_assistant_turns)
     examples, merges, dropped, failures = [], [], {}, []
     for start in range(0, len(pairs), _CHUNK):
         chunk = pairs[start:start + _CHUNK]
@@ -194,13 +195,14 @@ def _tokenizer_info(tokenizer, specials) -> dict[str, Any]:
 def _example(examples: list, tokenizer, max_length: int, max_prompt_length: int | None,
              bos_id: int | None, line: int | None) -> dict[str, Any] | None:
     """One example after truncation, rendered, with each token marked trained or masked."""
-    from prefopt.data import render_example, truncate_ids
+    from prefopt.data import render_example
+    from prefopt.data.tokenize import truncate_example
 
     def seen(ex):
-        prompt, comps, truncated = truncate_ids(ex.prompt_ids, ex.completions, max_length,
-                                                max_prompt_length, bos_id)
-        usable = all(comps) and comps[0] != comps[1]
-        return replace(ex, prompt_ids=prompt, completions=comps, truncated=truncated), usable
+        cut = truncate_example(ex, max_length, max_prompt_length, bos_id)  # ex is untruncated
+        usable = (all(any(cut.scored(j)) for j in range(len(cut.completions)))
+                  and cut.completions[0] != cut.completions[1])
+        return cut, usable
 
     if line is not None:
         chosen = [seen(ex) for ex in examples if ex.line == line]
@@ -213,8 +215,10 @@ def _example(examples: list, tokenizer, max_length: int, max_prompt_length: int 
         if ex is None:
             return None
     segments = [{"part": "prompt", "trained": False, "ids": ex.prompt_ids}]
-    for part, ids in zip(("chosen", "rejected"), ex.completions):
+    for j, (part, ids) in enumerate(zip(("chosen", "rejected"), ex.completions)):
         segments.append({"part": part, "trained": True, "ids": ids})
+        if ex.completion_masks is not None:  # --all-assistant-turns: which tokens the loss reads
+            segments[-1]["trained_tokens"] = ex.scored(j)
     for seg in segments:
         seg["tokens"] = [tokenizer.decode([i], skip_special_tokens=False,
                                           clean_up_tokenization_spaces=False) for i in seg["ids"]]
@@ -231,14 +235,17 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
                rejected_field: str = "rejected", split: str = "train",
                near_duplicate_threshold: float | None = None,
                example_line: int | None = None, completions_field: str = "completions",
-               scores_field: str = "scores", rating_field: str = "overall_score") -> dict[str, Any]:
+               scores_field: str = "scores", rating_field: str = "overall_score",
+               all_assistant_turns: bool = False) -> dict[str, Any]:
     """Check a preference file; returns the report as a JSON-ready dict (``clean`` says if it passed).
 
     Raises :class:`DataError`/:class:`ConfigError` only for user errors: a missing or
     unreadable file, options out of range, data that is not preference pairs, fields
     that cannot be found. K-answer data (ranked, UltraFeedback) is checked as the pair of
     each row's best and worst answer, which is what its pair checks and token checks need;
-    a row whose answers all tie is reported (training drops it).
+    a row whose answers all tie is reported (training drops it). ``all_assistant_turns``
+    tokenizes as training with ``--all-assistant-turns`` does: the rendered example then
+    shows the masked turns inside its completions.
     """
     from prefopt.data import (PREFERENCE_FORMATS, FORMAT_DESCRIPTIONS, RANKED_FORMATS, Fields, SpecialTokens,
                               audit_special_tokens, check_pairs, detect_format, length_stats,
@@ -287,7 +294,7 @@ def check_file(file: str, *, tokenizer=None, max_length: int = FIELDS["max_lengt
 
     if tokenizer is not None and pairs:
         specials = SpecialTokens.of(tokenizer)
-        examples, merges, dropped, failures = _tokenize(pairs, tokenizer)
+        examples, merges, dropped, failures = _tokenize(pairs, tokenizer, all_assistant_turns)
         problems += [_from_error(e) for e in failures]
         identical = {p.line for p in problems if p.kind == "identical"}
         for line, reason in sorted(dropped.items()):
@@ -336,6 +343,7 @@ def _extreme_pairs(examples) -> tuple[list, list[int], int]:
     """Each K-answer row as the pair of its best and worst answer (the first of those tied), the lines
     of rows whose answers all tie, and the number of answers in all."""
     from prefopt.data import PreferencePair
+    from prefopt.data.formats import template_inputs
 
     pairs, tied = [], []
     for e in examples:
@@ -344,7 +352,8 @@ def _extreme_pairs(examples) -> tuple[list, list[int], int]:
         if e.scores[best] == e.scores[worst]:
             tied.append(e.line)
         else:
-            pairs.append(PreferencePair(e.prompt, e.completions[best], e.completions[worst], e.line, e.source))
+            pairs.append(PreferencePair(e.prompt, e.completions[best], e.completions[worst], e.line, e.source,
+                                        **template_inputs(e)))
     return pairs, tied, sum(len(e.scores) for e in examples)
 
 
@@ -406,8 +415,9 @@ def print_table(report: dict[str, Any], file=None) -> None:
                       + (f" (lines {_lines(merges['lines'])}): these tokens differ from tokenizing the "
                          "joined text; training keeps the split" if merges["count"] else ""))
         if report["example"] is not None:
-            console.print("\nexample as the model sees it; [...] = prompt, masked (no loss); "
-                          "«...» = completion, trained:", markup=False)
+            console.print("\nexample as the model sees it; [...] = masked (no loss): the prompt, and "
+                          "turns inside a completion other than the assistant's; «...» = completion, trained:",
+                          markup=False)
             console.print(report["example"]["rendered"], markup=False)
     fast = report.get("fast_paths")
     if fast is not None:
@@ -451,6 +461,9 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--near-duplicate-threshold", type=float, default=None,
                    help="flag answers at least this similar, 0..1 (default: 0.95)")
     p.add_argument("--example-line", type=int, default=None, help="render the pair of this line")
+    p.add_argument("--all-assistant-turns", action=argparse.BooleanOptionalAction, default=False,
+                   help="tokenize as training with --all-assistant-turns: in multi-turn completions only the "
+                        "assistant turns are trained, the turns between them masked")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="run code shipped with the tokenizer (off unless you trust its author)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -470,7 +483,8 @@ def fast_path_report(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
                       chosen_field=args.chosen_field, rejected_field=args.rejected_field,
                       completions_field=args.completions_field, scores_field=args.scores_field,
                       rating_field=args.rating_field, max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
-                      on_invalid="skip", trust_remote_code=args.trust_remote_code)
+                      on_invalid="skip", trust_remote_code=args.trust_remote_code,
+                      all_assistant_turns=args.all_assistant_turns)
     try:
         data = prepare_examples(cfg, tokenizer, "pairs", None)
     except (DataError, ConfigError) as e:
@@ -497,7 +511,7 @@ def run(args: argparse.Namespace) -> int:
                         chosen_field=args.chosen_field, rejected_field=args.rejected_field, split=args.split,
                         near_duplicate_threshold=args.near_duplicate_threshold, example_line=args.example_line,
                         completions_field=args.completions_field, scores_field=args.scores_field,
-                        rating_field=args.rating_field)
+                        rating_field=args.rating_field, all_assistant_turns=args.all_assistant_turns)
     if args.model and report["pairs"]:
         report["fast_paths"] = fast_path_report(args, tokenizer)
     if args.format == "json":

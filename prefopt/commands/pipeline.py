@@ -54,11 +54,15 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
     parser.add_argument("--judge", required=True,
                         help="reward-model directory (num_labels=1), module:function, or 'vader'")
-    parser.add_argument("--output", required=True, help="where to write the preference pairs (.jsonl)")
-    parser.add_argument("--pairing", default="best-worst", choices=("best-worst", "all", "bradley-terry"),
-                        help="best vs worst sample per prompt, all pairs of unequal score, or pairs labelled at "
-                             "random with P(y1 > y2) = sigmoid(s1 - s2) (default: best-worst)")
-    parser.add_argument("--bt-scale", type=float, default=1.0,
+    parser.add_argument("--output", required=True, help="where to write the preference data (.jsonl)")
+    parser.add_argument("--output-format", default="pairs", choices=("pairs", "ranked"),
+                        help="pairs: prompt/chosen/rejected rows (see --pairing); ranked: one row per prompt with "
+                             "its usable samples and their scores, prompt/completions/scores, for K-answer "
+                             "training (default: pairs)")
+    parser.add_argument("--pairing", default=None, choices=("best-worst", "all", "bradley-terry"),
+                        help="pairs: best vs worst sample per prompt, all pairs of unequal score, or pairs labelled "
+                             "at random with P(y1 > y2) = sigmoid(s1 - s2) (default: best-worst)")
+    parser.add_argument("--bt-scale", type=float, default=None,
                         help="bradley-terry: P(y1 > y2) = sigmoid(scale * (s1 - s2)) (default: 1.0)")
     parser.add_argument("--keep-truncated", action="store_true",
                         help="also pair samples cut at --max-new-tokens (by default they are left out: training "
@@ -70,17 +74,27 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
     _generation_args(parser)
 
 
-@command("sample", "sample completions, score them with a judge, write preference pairs")(_sample_args)
+@command("sample", "sample completions, score them with a judge, write preference pairs or K-answer rows")(
+    _sample_args)
 def run_sample(args: argparse.Namespace) -> int:
     from prefopt.atomic import write_jsonl
     from prefopt.generation import load_prompts, sample_pairs
 
+    ranked = args.output_format == "ranked"
+    if ranked and (args.pairing is not None or args.bt_scale is not None):
+        flag = "--pairing" if args.pairing is not None else "--bt-scale"
+        raise ConfigError(f"{flag} applies to --output-format pairs; ranked rows keep every usable sample, and "
+                          "training derives their pairs (--k-pairing)")
+    pairing = args.pairing or "best-worst"
+    if args.bt_scale is not None and pairing != "bradley-terry":
+        raise ConfigError("--bt-scale applies to --pairing bradley-terry only")
     settings = _settings(args, args.seed, args.max_prompt_length)
     prompts = _limit(load_prompts(args.prompts, prompt_field=args.prompt_field), args.max_prompts)
     rows, summary = sample_pairs(model=args.model, prompts=prompts, judge=args.judge, settings=settings,
-                                 pairing=args.pairing, bt_scale=args.bt_scale, tokenizer=args.tokenizer,
-                                 dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                 judge_batch_size=args.judge_batch_size, keep_truncated=args.keep_truncated)
+                                 pairing=pairing, bt_scale=1.0 if args.bt_scale is None else args.bt_scale,
+                                 tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                 judge_batch_size=args.judge_batch_size, keep_truncated=args.keep_truncated,
+                                 output_format=args.output_format)
     write_jsonl(args.output, rows)
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items() if n) or "none"
     print(f"{summary['prompts']} prompts x {settings.num_samples} samples: mean score {summary['score_mean']:.4f}; "
@@ -88,15 +102,17 @@ def run_sample(args: argparse.Namespace) -> int:
     cut = summary["truncated_samples"]
     if cut:
         what = ("kept (--keep-truncated)" if args.keep_truncated
-                else "left out of the pairs (--keep-truncated keeps them)")
+                else f"left out of the {'rows' if ranked else 'pairs'} (--keep-truncated keeps them)")
         print(f"{cut} of {summary['samples']} samples were cut at --max-new-tokens {settings.max_new_tokens}: {what}")
-    print(f"wrote {summary['pairs']} pairs ({args.pairing}) to {args.output}; skipped: {skipped}")
+    what = "K-answer rows (ranked)" if ranked else f"pairs ({pairing})"
+    print(f"wrote {summary['rows']} {what} to {args.output}; skipped: {skipped}")
     if not rows:
+        nothing = "no rows" if ranked else "no pairs"
         if cut and not args.keep_truncated:
-            print("warning: no pairs: too few samples per prompt ended before --max-new-tokens; raise "
+            print(f"warning: {nothing}: too few samples per prompt ended before --max-new-tokens; raise "
                   "--max-new-tokens, sample more, or pass --keep-truncated")
         else:
-            print("warning: no pairs: every prompt's samples tied or were identical; sample more or raise the "
+            print(f"warning: {nothing}: every prompt's samples tied or were identical; sample more or raise the "
                   "temperature")
     return 0
 
@@ -151,7 +167,8 @@ def run_generation_eval(args: argparse.Namespace, flags: dict, output: str) -> i
 
 def _plot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                        help="run directories (holding metrics.jsonl), or directories of runs")
+                        help="run directories (holding metrics.jsonl), directories of runs, or `prefopt iterate` "
+                             "directories (holding rounds.jsonl: reward and KL by round, and each round's curves)")
     parser.add_argument("--output-dir", default=None,
                         help="where the PNGs go (default: RUN_DIR/plots for one run, ./prefopt-plots otherwise)")
     parser.add_argument("--frontier", nargs="+", default=None, metavar="FILE",
@@ -161,7 +178,8 @@ def _plot_args(parser: argparse.ArgumentParser) -> None:
 
 @command("plot", "draw training curves and reward-vs-KL charts as PNG files")(_plot_args)
 def run_plot(args: argparse.Namespace) -> int:
-    from prefopt.plotting import detect_frontier_files, plot_frontier, plot_runs, read_frontier_files
+    from prefopt.plotting import (detect_frontier_files, is_iterate_dir, iterate_train_runs, plot_frontier,
+                                  plot_rounds, plot_runs, read_frontier_files)
 
     if not args.runs and not args.frontier:
         raise ConfigError("give at least one RUN_DIR, or --frontier FILE...")
@@ -171,7 +189,12 @@ def run_plot(args: argparse.Namespace) -> int:
         out = Path(args.runs[0]) / "plots"
     else:
         out = Path("prefopt-plots")
-    written = plot_runs(args.runs, out) if args.runs else []
+    iterated = [r for r in args.runs if is_iterate_dir(r)]
+    runs = [r for r in args.runs if r not in iterated]
+    written = [plot_rounds(iterated, out / "rounds.png")] if iterated else []
+    runs += [d for r in iterated for d in iterate_train_runs(r)]
+    if runs:
+        written += plot_runs(runs, out)
     files = args.frontier if args.frontier else detect_frontier_files(args.runs)
     if files:
         written.append(plot_frontier(read_frontier_files(files), out / "frontier.png"))

@@ -28,8 +28,8 @@ from difflib import SequenceMatcher
 
 from prefopt.data.formats import PreferencePair, Value, is_messages
 from prefopt.data.tokenize import (DROP_EMPTY, DROP_IDENTICAL,
-                                   DROP_IDENTICAL_AFTER_TRUNCATION, SpecialTokens,
-                                   TokenizedExample, truncate_ids)
+                                   DROP_IDENTICAL_AFTER_TRUNCATION, DROP_UNTRAINED, SpecialTokens,
+                                   TokenizedExample, cut_masks, truncate_ids)
 
 NEAR_DUPLICATE_THRESHOLD = 0.95
 SHORT_ANSWER_WORDS = 3
@@ -192,9 +192,12 @@ def audit_special_tokens(examples: Sequence[TokenizedExample],
             if not ex.truncated and (not ids or ids[-1] != eos):
                 findings.append(Finding("missing_eos", ex.line, name,
                                         "completion does not end with EOS"))
-            if eos in ids[:-1]:
+            mask = ex.scored(i)
+            # an EOS that ends a trained turn followed by masked ones (all_assistant_turns) is where it belongs
+            inside = [k for k in range(len(ids) - 1) if ids[k] == eos and mask[k + 1]]
+            if inside:
                 findings.append(Finding("eos_inside", ex.line, name,
-                                        f"EOS at token {ids.index(eos) + 1} of {len(ids)} "
+                                        f"EOS at token {inside[0] + 1} of {len(ids)} "
                                         "inside the completion"))
     return findings
 
@@ -233,8 +236,11 @@ def truncation_report(examples: Sequence[TokenizedExample], max_length: int,
                                            for a, b in zip(comps, ex.completions))
         report.truncated += truncated
         reason = None
+        masks = cut_masks(ex.completion_masks, comps)
         if any(not c for c in comps):
             reason = DROP_EMPTY
+        elif masks is not None and not all(any(m) for m in masks):
+            reason = DROP_UNTRAINED
         elif len(comps) == 2 and comps[0] == comps[1]:
             same_before = ex.completions[0] == ex.completions[1]
             reason = DROP_IDENTICAL if same_before else DROP_IDENTICAL_AFTER_TRUNCATION
@@ -254,7 +260,8 @@ def _describe(lengths: list[int]) -> LengthStats:
 def _as_text(value: Value) -> str:
     """A conversation as one text ("role: content" lines); text unchanged."""
     if is_messages(value):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+        return "\n".join(f"{m['role']}: {m['content']}" + (f" {json.dumps(m['tool_calls'])}" if m.get("tool_calls")
+                                                             else "") for m in value)
     return value
 
 
@@ -271,7 +278,7 @@ def _emptiness(value: Value) -> str | None:
         if not value:
             return "no messages"
         for number, message in enumerate(value, start=1):
-            if not str(message.get("content", "")).strip():
+            if not str(message.get("content", "")).strip() and not message.get("tool_calls"):
                 return f"message {number} ({message.get('role')}) is empty"
         return None
     return None if value.strip() else "empty or whitespace only"

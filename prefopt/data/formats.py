@@ -7,12 +7,16 @@ an :class:`SFTExample` (supervised fine-tuning), validating as it goes so every 
 reported with its file, line and field.
 
 Values are either text (``str``) or conversations: lists of ``{"role", "content"}``
-messages. Within one example the prompt and completions are always the same kind; a
-conversational prompt with a plain-string answer is turned into a one-message assistant
-reply so the chat template can render it.
+messages, which keep what chat templates read besides (``tool_calls``, ``name``,
+``tool_call_id``, reasoning). Within one example the prompt and completions are always the
+same kind; a conversational prompt with a plain-string answer is turned into a one-message
+assistant reply so the chat template can render it. A conversational row may also carry
+``tools`` (JSON schemas) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``),
+both handed to the chat template when the row is rendered.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -59,6 +63,21 @@ ASSISTANT_MARKER = "\n\nAssistant:"
 #: How many leading rows detection looks at to find a non-null value for each field.
 _DETECT_ROWS = 100
 
+#: Row fields handed to ``tokenizer.apply_chat_template`` when a conversational row is rendered.
+TOOLS_FIELD = "tools"
+TEMPLATE_KWARGS_FIELD = "chat_template_kwargs"
+
+#: The message keys chat templates read; the rest of a message (ids, timestamps, nulls that
+#: Arrow fills in for keys other messages have) is dropped.
+_MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "thinking")
+
+#: Arguments of ``apply_chat_template`` (and the template's own ``messages``) that prefopt sets
+#: itself, so a row's ``chat_template_kwargs`` cannot.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
 
 @dataclass(frozen=True)
 class Fields:
@@ -88,6 +107,8 @@ class PreferencePair:
     rejected: Value
     line: int
     source: str
+    tools: list[dict] | None = None                  # JSON schemas for the chat template
+    chat_template_kwargs: dict | None = None         # extra chat-template variables
 
 
 @dataclass
@@ -99,6 +120,8 @@ class RankedExample:
     scores: list[float]
     line: int
     source: str
+    tools: list[dict] | None = None                  # JSON schemas for the chat template
+    chat_template_kwargs: dict | None = None         # extra chat-template variables
 
 
 @dataclass
@@ -110,6 +133,8 @@ class UnpairedExample:
     label: bool
     line: int
     source: str
+    tools: list[dict] | None = None                  # JSON schemas for the chat template
+    chat_template_kwargs: dict | None = None         # extra chat-template variables
 
 
 @dataclass
@@ -120,11 +145,18 @@ class SFTExample:
     completion: Value
     line: int
     source: str
+    tools: list[dict] | None = None                  # JSON schemas for the chat template
+    chat_template_kwargs: dict | None = None         # extra chat-template variables
 
 
 def is_messages(value: Any) -> bool:
     """True when ``value`` is a conversation (a list), as opposed to plain text."""
     return isinstance(value, list)
+
+
+def template_inputs(example: Any) -> dict[str, Any]:
+    """The row-level chat-template inputs of an example, to carry them onto one derived from it."""
+    return {"tools": example.tools, "chat_template_kwargs": example.chat_template_kwargs}
 
 
 def detect_format(rows: Sequence[Row], prompt_field: str = "prompt",
@@ -271,7 +303,7 @@ def best_answers(examples: Sequence[RankedExample]) -> list[SFTExample]:
     out = []
     for e in examples:
         best = max(range(len(e.scores)), key=lambda k: (e.scores[k], -k))
-        out.append(SFTExample(e.prompt, e.completions[best], e.line, e.source))
+        out.append(SFTExample(e.prompt, e.completions[best], e.line, e.source, **template_inputs(e)))
     return out
 
 
@@ -300,9 +332,10 @@ def pairs_to_unpaired(pairs: Sequence[PreferencePair]) -> list[UnpairedExample]:
     """
     examples: list[UnpairedExample] = []
     for pair in pairs:
-        examples.append(UnpairedExample(pair.prompt, pair.chosen, True, pair.line, pair.source))
+        examples.append(UnpairedExample(pair.prompt, pair.chosen, True, pair.line, pair.source,
+                                        **template_inputs(pair)))
         examples.append(UnpairedExample(pair.prompt, pair.rejected, False, pair.line,
-                                        pair.source))
+                                        pair.source, **template_inputs(pair)))
     return examples
 
 
@@ -317,10 +350,10 @@ def to_sft(rows: Sequence[Row], fmt: str, fields: Fields | None = None) -> list[
     """
     f = fields or Fields()
     if fmt in PREFERENCE_FORMATS:
-        return [SFTExample(p.prompt, p.chosen, p.line, p.source)
+        return [SFTExample(p.prompt, p.chosen, p.line, p.source, **template_inputs(p))
                 for p in to_pairs(rows, fmt, fields=f)]
     if fmt == "unpaired":
-        return [SFTExample(e.prompt, e.completion, e.line, e.source)
+        return [SFTExample(e.prompt, e.completion, e.line, e.source, **template_inputs(e))
                 for e in to_unpaired(rows, f) if e.label]
     if fmt in RANKED_FORMATS:
         return best_answers(to_ranked(rows, fmt, f))
@@ -364,7 +397,45 @@ def _row_problems(row: Row, fmt: str, f: Fields) -> list[DataError]:
         message = _field_problem(row.data, field, kind)
         if message is not None:
             problems.append(DataError(message, source=row.source, line=row.line, field=field))
+    for field in (TOOLS_FIELD, TEMPLATE_KWARGS_FIELD):
+        try:
+            _template_input(row.data, field)
+        except ValueError as exc:
+            problems.append(DataError(str(exc), source=row.source, line=row.line, field=field))
     return problems
+
+
+def _template_input(data: dict, field: str) -> list[dict] | dict | None:
+    """A row's ``tools`` (a list of JSON-schema objects) or ``chat_template_kwargs`` (an object).
+
+    JSON text is read too, since CSV cells and Arrow tables of mixed schemas hold them as
+    strings. Absent, null or empty means none. Raises ValueError saying what is wrong.
+    """
+    value = data.get(field)
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"is text that is not valid JSON ({exc.msg})") from None
+    if value is None:
+        return None
+    if field == TOOLS_FIELD:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of tool JSON schemas, got {type(value).__name__}")
+        for k, tool in enumerate(value, start=1):
+            if not isinstance(tool, dict):
+                raise ValueError(f"tool {k}: expected a JSON schema object, got {type(tool).__name__}")
+        return value or None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object of chat-template variables, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValueError(f"keys must be strings, got {key!r}")
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"'{key}' is set by prefopt when it renders the row and cannot be given here")
+    return value or None
 
 
 def _field_problem(data: dict, field: str, kind: str) -> str | None:
@@ -446,24 +517,74 @@ def _ultrafeedback_fields(row: Row, f: Fields) -> Fields:
 
 
 def _messages_problem(messages: list) -> str | None:
-    """Why ``messages`` is not a usable conversation, or None."""
+    """Why ``messages`` is not a usable text conversation, or None.
+
+    ``content`` is a string, a list of text parts (``{"type": "text", "text": ...}``), or
+    absent/null on an assistant message that makes ``tool_calls``. prefopt trains text
+    models, so an image, audio or any other non-text part is refused by name rather than
+    dropped, which would train on a conversation the data never held.
+    """
     if not messages:
         return "is an empty list of messages"
     for number, message in enumerate(messages, start=1):
-        if not isinstance(message, dict):
-            return (f"message {number}: expected an object with 'role' and 'content', "
-                    f"got {type(message).__name__}")
-        for key in ("role", "content"):
-            if key not in message:
-                return f"message {number}: missing '{key}'"
-            if not isinstance(message[key], str):
-                got = "null" if message[key] is None else type(message[key]).__name__
-                return f"message {number}: '{key}' must be a string, got {got}"
-        if not message["role"].strip():
-            return f"message {number}: 'role' is empty"
-    if not any(message["content"].strip() for message in messages):
+        problem = _message_problem(message, number)
+        if problem is not None:
+            return problem
+    if not any(_content_text(m.get("content")).strip() or m.get("tool_calls") for m in messages):
         return "every message is empty"
     return None
+
+
+def _message_problem(message: Any, number: int) -> str | None:
+    """Why one message (numbered from 1) is unusable, or None."""
+    if not isinstance(message, dict):
+        return (f"message {number}: expected an object with 'role' and 'content', "
+                f"got {type(message).__name__}")
+    role = message.get("role")
+    if not isinstance(role, str):
+        return (f"message {number}: missing 'role'" if "role" not in message
+                else f"message {number}: 'role' must be a string, got {_type_name(role)}")
+    if not role.strip():
+        return f"message {number}: 'role' is empty"
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        return f"message {number}: 'tool_calls' must be a list of objects, got {_type_name(calls)}"
+    for key in ("name", "tool_call_id", "reasoning_content", "thinking"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            return f"message {number}: '{key}' must be a string, got {_type_name(message[key])}"
+    content = message.get("content")
+    if content is None:
+        if calls:
+            return None
+        return (f"message {number}: missing 'content'" if "content" not in message
+                else f"message {number}: 'content' must be a string, got null")
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"message {number}: 'content' must be a string or a list of text parts, got {_type_name(content)}"
+    for k, part in enumerate(content, start=1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            return f"message {number}: content part {k} must be an object with a 'type', got {_type_name(part)}"
+        if kind != "text":
+            article = "an" if kind[:1].lower() in "aeiou" else "a"
+            return f"prefopt is text-only: message {number} has {article} '{kind}' part"
+        if not isinstance(part.get("text"), str):
+            return f"message {number}: text part {k} has no string 'text'"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _content_text(content: Any) -> str:
+    """A validated ``content`` as one string: text parts joined by newlines, null as empty."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content)
 
 
 def _parse_label(value: Any) -> bool | None:
@@ -478,8 +599,19 @@ def _parse_label(value: Any) -> bool | None:
 # --- conversions ----------------------------------------------------------------------
 
 def _clean_messages(messages: list[dict]) -> Messages:
-    """Copy a conversation keeping only role and content, the keys every template reads."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    """Copy a validated conversation with the keys chat templates read (:data:`_MESSAGE_KEYS`).
+
+    Content becomes one string (text parts joined by newlines, a tool-call message's null as
+    ``""``), which every text template can render, where some fail on a list or on null. Keys
+    that are null are left out, so a message without tool calls looks the same to the
+    template whether or not the file's other messages have them.
+    """
+    cleaned = []
+    for m in messages:
+        msg = {k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}
+        msg["content"] = _content_text(m.get("content"))
+        cleaned.append(msg)
+    return cleaned
 
 
 def _align(prompt: Value, answers: list[Value]) -> tuple[Value, list[Value]]:
@@ -504,11 +636,28 @@ def _align(prompt: Value, answers: list[Value]) -> tuple[Value, list[Value]]:
     return prompt_msgs, aligned
 
 
+def _row_template_inputs(row: Row, converted: Value) -> dict[str, Any]:
+    """The row's ``tools`` and ``chat_template_kwargs`` (checked by :func:`_row_problems`).
+
+    ``converted`` is the example's prompt (or a completion): only a conversation goes through
+    the chat template, so on plain text these would be silently ignored, and are refused.
+    """
+    found = {"tools": _template_input(row.data, TOOLS_FIELD),
+             "chat_template_kwargs": _template_input(row.data, TEMPLATE_KWARGS_FIELD)}
+    given = [field for field, value in zip((TOOLS_FIELD, TEMPLATE_KWARGS_FIELD), found.values())
+             if value is not None]
+    if given and not is_messages(converted):
+        raise DataError("only conversations are rendered with the chat template, and this row holds plain "
+                        "text: give its prompt and answers as lists of messages, or drop the field",
+                        source=row.source, line=row.line, field=given[0])
+    return found
+
+
 def _pair_explicit(row: Row, f: Fields) -> PreferencePair:
     """Standard or conversational row: the prompt is given."""
     prompt, (chosen, rejected) = _align(row.data[f.prompt],
                                         [row.data[f.chosen], row.data[f.rejected]])
-    return PreferencePair(prompt, chosen, rejected, row.line, row.source)
+    return PreferencePair(prompt, chosen, rejected, row.line, row.source, **_row_template_inputs(row, prompt))
 
 
 def _common_prefix_length(a: Sequence, b: Sequence) -> int:
@@ -548,7 +697,8 @@ def _pair_implicit_text(row: Row, f: Fields) -> PreferencePair:
         raise DataError(f"'{f.chosen}' and '{f.rejected}' share no beginning, so no prompt "
                         f"can be taken from them; add a '{f.prompt}' field",
                         source=row.source, line=row.line)
-    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source)
+    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source,
+                          **_row_template_inputs(row, chosen))
 
 
 def _pair_implicit_messages(row: Row, f: Fields) -> PreferencePair:
@@ -563,7 +713,8 @@ def _pair_implicit_messages(row: Row, f: Fields) -> PreferencePair:
                         "messages followed by an assistant reply, so no prompt can be taken "
                         f"from them; add a '{f.prompt}' field",
                         source=row.source, line=row.line)
-    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], row.line, row.source)
+    return PreferencePair(chosen[:n], chosen[n:], rejected[n:], row.line, row.source,
+                          **_row_template_inputs(row, chosen))
 
 
 def _pair_hh(row: Row, f: Fields) -> PreferencePair:
@@ -576,7 +727,8 @@ def _pair_hh(row: Row, f: Fields) -> PreferencePair:
                         f"{ASSISTANT_MARKER!r} turn, so the prompt cannot be found "
                         "(Anthropic HH format)", source=row.source, line=row.line)
     cut = at + len(ASSISTANT_MARKER)
-    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source)
+    return PreferencePair(chosen[:cut], chosen[cut:], rejected[cut:], row.line, row.source,
+                          **_row_template_inputs(row, chosen))
 
 
 _PAIR_CONVERTERS: dict[str, Callable[[Row, Fields], PreferencePair]] = {
@@ -618,7 +770,7 @@ def _ranked_from_row(row: Row, f: Fields, fmt: str) -> RankedExample:
             raise DataError(f"{len(answers)} answers but {len(scores)} scores; give one score per answer",
                             source=row.source, line=row.line, field=f.scores)
     prompt, aligned = _align(row.data[f.prompt], answers)
-    return RankedExample(prompt, aligned, scores, row.line, row.source)
+    return RankedExample(prompt, aligned, scores, row.line, row.source, **_row_template_inputs(row, prompt))
 
 
 def _unpaired_from_row(row: Row, f: Fields) -> UnpairedExample:
@@ -626,13 +778,13 @@ def _unpaired_from_row(row: Row, f: Fields) -> UnpairedExample:
     prompt, (completion,) = _align(row.data[f.prompt], [row.data[f.completion]])
     label = _parse_label(row.data[f.label])
     assert label is not None  # guaranteed by _row_problems
-    return UnpairedExample(prompt, completion, label, row.line, row.source)
+    return UnpairedExample(prompt, completion, label, row.line, row.source, **_row_template_inputs(row, prompt))
 
 
 def _sft_from_completion_row(row: Row, f: Fields) -> SFTExample:
     """Prompt/completion row whose fields have been checked."""
     prompt, (completion,) = _align(row.data[f.prompt], [row.data[f.completion]])
-    return SFTExample(prompt, completion, row.line, row.source)
+    return SFTExample(prompt, completion, row.line, row.source, **_row_template_inputs(row, prompt))
 
 
 def _sft_from_messages_row(row: Row, f: Fields) -> SFTExample:
@@ -645,7 +797,8 @@ def _sft_from_messages_row(row: Row, f: Fields) -> SFTExample:
     if last == 0:
         raise DataError("the last assistant message has no messages before it to serve as "
                         "the prompt", source=row.source, line=row.line, field=f.messages)
-    return SFTExample(messages[:last], [messages[last]], row.line, row.source)
+    return SFTExample(messages[:last], [messages[last]], row.line, row.source,
+                      **_row_template_inputs(row, messages))
 
 
 def _row_converter(fmt: str) -> Callable[[Row, Fields], object]:

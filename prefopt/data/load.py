@@ -236,8 +236,9 @@ def _decode_cell(cell: str) -> Any:
     """Decode a CSV cell that holds a JSON list of chat messages; keep anything else as text.
 
     Conversational data exported to CSV carries its message lists as JSON text. Only
-    lists of ``{"role", "content"}`` objects are decoded, so an answer that merely looks
-    like JSON (``"[1, 2, 3]"``) stays the string the author wrote.
+    lists of ``{"role", "content"}`` objects (or tool-call messages, ``{"role", "tool_calls"}``)
+    are decoded, so an answer that merely looks like JSON (``"[1, 2, 3]"``) stays the string
+    the author wrote.
     """
     stripped = cell.strip()
     if not (stripped.startswith("[") and stripped.endswith("]")):
@@ -247,7 +248,7 @@ def _decode_cell(cell: str) -> Any:
     except json.JSONDecodeError:
         return cell
     if value and isinstance(value, list) and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            isinstance(m, dict) and "role" in m and ("content" in m or "tool_calls" in m) for m in value):
         return value
     return cell
 

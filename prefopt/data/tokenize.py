@@ -17,17 +17,23 @@ The rules here decide which tokens are trained on, so they are strict:
   token (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) ends at that token instead:
   no second stop token is appended, and whitespace the template writes after it (a
   newline between turns) is not trained on, since generation stops at the end of turn.
-* Conversations are rendered with the tokenizer's chat template: the prompt with the
-  generation prompt, prompt + completion without it; the completion text is what the
-  second adds to the first.
+* Conversations are rendered with the tokenizer's chat template (given the row's ``tools``
+  and ``chat_template_kwargs``): the prompt with the generation prompt, prompt +
+  completion without it; the completion text is what the second adds to the first.
+* A completion of several messages is trained on whole by default. With
+  ``all_assistant_turns`` only its assistant turns are (each closed by its end-of-turn
+  token, as above); the user and tool turns between them stay in the sequence, masked
+  (``TokenizedExample.completion_masks``). Turns are found by rendering the conversation
+  up to each message, which must give a prefix of the whole rendering.
 * Truncation keeps the prompt's end (the most recent turns, nearest the answer) behind
-  its BOS, and each completion's start. Pairs left degenerate (an empty completion, or
-  chosen and rejected identical) are dropped and counted by reason.
+  its BOS, and each completion's start (masks are cut with it). Pairs left degenerate (an
+  empty completion, one with no trained token left, or chosen and rejected identical) are
+  dropped and counted by reason.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefopt.data.formats import (PreferencePair, RankedExample, SFTExample, UnpairedExample, Value,
@@ -38,6 +44,7 @@ DROP_EMPTY = "empty completion"
 DROP_IDENTICAL = "chosen==rejected"
 DROP_IDENTICAL_AFTER_TRUNCATION = "chosen==rejected after truncation"
 DROP_TIED = "every answer scored the same"
+DROP_UNTRAINED = "no trained token left"
 
 #: Text tokenized with and without special tokens to learn what the tokenizer adds.
 _PROBE_TEXT = "hello world"
@@ -54,15 +61,25 @@ class TokenizedExample:
     label: bool | None = None        # KTO only: True = desirable
     truncated: bool = False
     scores: list[float] | None = None  # K-answer rows only: one per completion, higher is better
+    # per completion, which tokens are scored (False: context only, e.g. a user turn between two
+    # assistant turns); None when every completion token is
+    completion_masks: list[list[bool]] | None = None
+
+    def scored(self, j: int) -> list[bool]:
+        """Which tokens of completion ``j`` are scored."""
+        if self.completion_masks is None:
+            return [True] * len(self.completions[j])
+        return self.completion_masks[j]
 
 
 @dataclass
 class TokenizeSettings:
-    """Length limits (in tokens) and whether to end completions with EOS."""
+    """Length limits (in tokens), whether to end completions with EOS, which turns are trained."""
 
     max_length: int = 1024
     max_prompt_length: int | None = 512
     add_eos: bool = True
+    all_assistant_turns: bool = False   # score every assistant turn of a completion, mask the turns between
 
     def __post_init__(self) -> None:
         """Reject limits that would leave no room for a completion."""
@@ -132,33 +149,31 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any,
                    settings: TokenizeSettings | None = None,
                    ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize preference pairs; each example's completions are ``[chosen, rejected]``."""
-    rendered = [_render_texts(p.prompt, [p.chosen, p.rejected], tokenizer, p.source, p.line)
+    settings = settings or TokenizeSettings()
+    rendered = [_render_texts(p, [p.chosen, p.rejected], tokenizer, settings.all_assistant_turns)
                 for p in pairs]
-    return _tokenize(rendered, [p.line for p in pairs], None, tokenizer,
-                     settings or TokenizeSettings(),
-                     [_templated(p.prompt, [p.chosen, p.rejected]) for p in pairs])
+    return _tokenize(rendered, [p.line for p in pairs], None, tokenizer, settings)
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer: Any,
                  settings: TokenizeSettings | None = None,
                  ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize supervised examples; each example has one completion."""
-    rendered = [_render_texts(e.prompt, [e.completion], tokenizer, e.source, e.line)
+    settings = settings or TokenizeSettings()
+    rendered = [_render_texts(e, [e.completion], tokenizer, settings.all_assistant_turns)
                 for e in examples]
-    return _tokenize(rendered, [e.line for e in examples], None, tokenizer,
-                     settings or TokenizeSettings(),
-                     [_templated(e.prompt, [e.completion]) for e in examples])
+    return _tokenize(rendered, [e.line for e in examples], None, tokenizer, settings)
 
 
 def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any,
                       settings: TokenizeSettings | None = None,
                       ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize KTO examples; each has one completion and its ``label``."""
-    rendered = [_render_texts(e.prompt, [e.completion], tokenizer, e.source, e.line)
+    settings = settings or TokenizeSettings()
+    rendered = [_render_texts(e, [e.completion], tokenizer, settings.all_assistant_turns)
                 for e in examples]
     return _tokenize(rendered, [e.line for e in examples], [e.label for e in examples],
-                     tokenizer, settings or TokenizeSettings(),
-                     [_templated(e.prompt, [e.completion]) for e in examples])
+                     tokenizer, settings)
 
 
 def tokenize_ranked(examples: Sequence[RankedExample], tokenizer: Any,
@@ -169,9 +184,9 @@ def tokenize_ranked(examples: Sequence[RankedExample], tokenizer: Any,
     A row whose answers all have the same score says nothing about which is better, so it
     is dropped (counted as ``every answer scored the same``).
     """
-    rendered = [_render_texts(e.prompt, e.completions, tokenizer, e.source, e.line) for e in examples]
-    return _tokenize(rendered, [e.line for e in examples], None, tokenizer, settings or TokenizeSettings(),
-                     [_templated(e.prompt, e.completions) for e in examples],
+    settings = settings or TokenizeSettings()
+    rendered = [_render_texts(e, e.completions, tokenizer, settings.all_assistant_turns) for e in examples]
+    return _tokenize(rendered, [e.line for e in examples], None, tokenizer, settings,
                      scores=[list(e.scores) for e in examples])
 
 
@@ -199,14 +214,30 @@ def truncate_ids(prompt_ids: list[int], completions: list[list[int]], max_length
     return prompt_ids, completions, truncated
 
 
+def cut_masks(masks: list[list[bool]] | None, completions: list[list[int]]) -> list[list[bool]] | None:
+    """Completion masks cut to ``completions``, each a start of the completion its mask was made for
+    (as truncation and the fast-path check's shortened rows leave them)."""
+    return None if masks is None else [m[:len(c)] for m, c in zip(masks, completions)]
+
+
+def truncate_example(example: TokenizedExample, max_length: int, max_prompt_length: int | None,
+                     bos_id: int | None) -> TokenizedExample:
+    """:func:`truncate_ids` applied to an example, its completion masks cut along."""
+    prompt, comps, truncated = truncate_ids(example.prompt_ids, example.completions, max_length,
+                                            max_prompt_length, bos_id)
+    return replace(example, prompt_ids=prompt, completions=comps, truncated=example.truncated or truncated,
+                   completion_masks=cut_masks(example.completion_masks, comps))
+
+
 def render_example(example: TokenizedExample, tokenizer: Any) -> str:
     """Show one example as the model sees it, marking what is trained.
 
     The prompt (masked: its tokens get no loss) is shown in ``[...]`` and each completion
-    (trained) in ``«...»``, decoded with special tokens visible so a doubled BOS or a
-    missing EOS shows up. Completions are decoded together with the prompt and then cut,
-    so leading spaces look as they do in the real sequence. Output contains square
-    brackets: print it without markup interpretation (e.g. rich's ``markup=False``).
+    (trained) in ``«...»``, with the turns inside it that are masked (``all_assistant_turns``)
+    in ``[...]`` again, decoded with special tokens visible so a doubled BOS or a missing EOS
+    shows up. Completions are decoded together with the prompt and then cut, so leading
+    spaces look as they do in the real sequence. Output contains square brackets: print it
+    without markup interpretation (e.g. rich's ``markup=False``).
     """
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False,
@@ -227,11 +258,28 @@ def render_example(example: TokenizedExample, tokenizer: Any) -> str:
     else:
         names = [f"completion {i + 1}" if len(example.completions) > 1 else "completion"
                  for i in range(len(example.completions))]
-    for name, ids in zip(names, example.completions):
-        full = decode(example.prompt_ids + ids)
-        text = full[len(prompt_text):] if full.startswith(prompt_text) else decode(ids)
-        out.append(f"  {name:<9} (trained, {len(ids)} tokens): «{text}»")
+    for j, (name, ids) in enumerate(zip(names, example.completions)):
+        mask = example.scored(j)
+        pieces = []
+        for start, end, trained in _runs(mask):
+            before = decode(example.prompt_ids + ids[:start])
+            upto = decode(example.prompt_ids + ids[:end])
+            text = upto[len(before):] if upto.startswith(before) else decode(ids[start:end])
+            pieces.append(text if trained else f"[{text}]")
+        count = f"{len(ids)} tokens" if all(mask) else f"{sum(mask)} of {len(ids)} tokens"
+        out.append(f"  {name:<9} (trained, {count}): «{''.join(pieces)}»")
     return "\n".join(out)
+
+
+def _runs(mask: list[bool]) -> list[tuple[int, int, bool]]:
+    """``mask`` as maximal runs ``(start, end, value)``."""
+    runs: list[tuple[int, int, bool]] = []
+    for k, value in enumerate(mask):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], k + 1, value)
+        else:
+            runs.append((k, k + 1, value))
+    return runs
 
 
 # --- rendering ------------------------------------------------------------------------
@@ -241,22 +289,42 @@ def _templated(prompt: Value, completions: list[Value]) -> bool:
     return is_messages(prompt) or any(is_messages(c) for c in completions)
 
 
-def _render_texts(prompt: Value, completions: list[Value], tokenizer: Any, source: str,
-                  line: int) -> tuple[str, list[str]]:
-    """The prompt text and completion texts, through the chat template for conversations."""
-    if not is_messages(prompt) and not any(is_messages(c) for c in completions):
-        return prompt, list(completions)  # type: ignore[return-value]
+@dataclass
+class _Rendered:
+    """One example as text, and which characters of each completion text are trained."""
+
+    prompt: str
+    completions: list[str]
+    templated: bool                            # rendered through the chat template
+    trained: list[list[tuple[int, int]] | None]  # per completion: trained [start, end) spans; None = all
+
+
+def _render_texts(example: Any, completions: list[Value], tokenizer: Any, turns: bool) -> _Rendered:
+    """The prompt text and completion texts, through the chat template for conversations.
+
+    ``example`` supplies the prompt, the row's template inputs and its place (for errors).
+    ``turns``: find the assistant turns of completions of several messages, which alone are
+    trained (see :func:`_assistant_spans`).
+    """
+    prompt = example.prompt
+    if not _templated(prompt, completions):
+        return _Rendered(prompt, list(completions), False, [None] * len(completions))
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("the data is conversational but this tokenizer has no chat "
                          "template; pass --chat-template FILE or use a model whose tokenizer "
                          "has one, or convert the data to the standard string format")
+
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return _apply_template(tokenizer, messages, generation_prompt, example.source, example.line,
+                               tools=example.tools, template_kwargs=example.chat_template_kwargs)
+
     prompt_msgs = prompt if is_messages(prompt) else [{"role": "user", "content": prompt}]
-    prompt_text = _apply_template(tokenizer, prompt_msgs, True, source, line)
-    texts = []
+    prompt_text = render(prompt_msgs, True)
+    texts, trained = [], []
     for completion in completions:
         msgs = (completion if is_messages(completion)
                 else [{"role": "assistant", "content": completion}])
-        full = _apply_template(tokenizer, prompt_msgs + msgs, False, source, line)
+        full = render(prompt_msgs + msgs, False)
         if not full.startswith(prompt_text):
             raise DataError("the chat template does not render the prompt as a prefix of "
                             "prompt + completion (rendered with the generation prompt: "
@@ -264,17 +332,57 @@ def _render_texts(prompt: Value, completions: list[Value], tokenizer: Any, sourc
                             f"{full[:len(prompt_text)][-60:]!r}), so the completion tokens "
                             "cannot be separated; use a chat template whose generation "
                             "prompt matches how it renders assistant messages",
-                            source=source, line=line)
+                            source=example.source, line=example.line)
         texts.append(full[len(prompt_text):])
-    return prompt_text, texts
+        trained.append(_assistant_spans(render, prompt_msgs, msgs, full, len(prompt_text), example)
+                       if turns and (len(msgs) > 1 or msgs[0]["role"] != "assistant") else None)
+    return _Rendered(prompt_text, texts, True, trained)
+
+
+def _assistant_spans(render: Callable[[list[dict], bool], str], prompt_msgs: list[dict], msgs: list[dict],
+                     full: str, offset: int, example: Any) -> list[tuple[int, int]]:
+    """Where each assistant message of a completion lies in its text (``full[offset:]``).
+
+    Assistant message ``i`` starts where the conversation up to it, rendered with the
+    generation prompt, ends (so its header is context, as the prompt's is) and ends where
+    the conversation up to and including it ends. Both must be prefixes of ``full``: a
+    template that renders earlier turns differently once later ones follow (some drop the
+    reasoning of earlier turns) gives no such positions, and the row is refused.
+    """
+    spans = []
+    for i, message in enumerate(msgs):
+        if message["role"] != "assistant":
+            continue
+        start = offset if i == 0 else len(_prefix_of(full, render(prompt_msgs + msgs[:i], True), i, example))
+        end = len(_prefix_of(full, render(prompt_msgs + msgs[:i + 1], False), i + 1, example))
+        spans.append((start - offset, end - offset))
+    return spans
+
+
+def _prefix_of(full: str, part: str, messages: int, example: Any) -> str:
+    """``part``, checked to be how ``full`` starts."""
+    if not full.startswith(part):
+        raise DataError(f"--all-assistant-turns: the chat template renders the completion's first {messages} "
+                        "message(s) differently from how the whole conversation starts "
+                        f"({part[-60:]!r} against {full[:len(part)][-60:]!r}), so its assistant turns "
+                        "cannot be told apart; templates that rewrite earlier turns (dropping their "
+                        "reasoning, say) do this: pass --chat-template with one that does not, or train "
+                        "on whole completions", source=example.source, line=example.line)
+    return part
 
 
 def _apply_template(tokenizer: Any, messages: list[dict], generation_prompt: bool,
-                    source: str, line: int) -> str:
-    """Render messages to text; template errors (e.g. role order) become DataErrors."""
+                    source: str, line: int, *, tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
+    """Render messages to text; template errors (e.g. role order) become DataErrors.
+
+    ``tools`` and ``template_kwargs`` (a row's ``chat_template_kwargs``, such as
+    ``enable_thinking``) reach the template the way ``apply_chat_template`` takes them.
+    """
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt,
+                                             **(template_kwargs or {}))
     except Exception as exc:  # jinja raises its own types, including template-raised ones
         raise DataError(f"the chat template cannot render this conversation: {exc}",
                         source=source, line=line) from exc
@@ -299,6 +407,21 @@ def _encode(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> li
     return [list(ids) for ids in encoded["input_ids"]]
 
 
+def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """:func:`_encode` without special tokens, with each token's character span in its text: the ids
+    are those of a plain encode, the spans say which turn each token belongs to."""
+    if not texts:
+        return [], []
+    try:
+        encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False,
+                            return_token_type_ids=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ModelError("--all-assistant-turns needs a fast tokenizer (one that reports where each token "
+                         "lies in the text); this one is a slow, Python tokenizer") from None
+    return ([list(ids) for ids in encoded["input_ids"]],
+            [[tuple(span) for span in spans] for spans in encoded["offset_mapping"]])
+
+
 def _encode_prompts(tokenizer: Any, texts: list[str], specials: SpecialTokens,
                     ) -> list[list[int]]:
     """Encode texts that start a sequence: BOS once, no trailing post-processor tokens."""
@@ -316,42 +439,46 @@ def _encode_prompts(tokenizer: Any, texts: list[str], specials: SpecialTokens,
     return result
 
 
-def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
-              labels: list[bool] | None, tokenizer: Any, settings: TokenizeSettings,
-              templated: list[bool] | None = None, scores: list[list[float]] | None = None,
+def _tokenize(rendered: list[_Rendered], lines: list[int], labels: list[bool] | None, tokenizer: Any,
+              settings: TokenizeSettings, scores: list[list[float]] | None = None,
               ) -> tuple[list[TokenizedExample], TokenizeStats]:
-    """Shared path of the three public tokenize functions (see the module docstring)."""
+    """Shared path of the public tokenize functions (see the module docstring)."""
     specials = SpecialTokens.of(tokenizer)
     turn_end = (_TurnEnd(tokenizer, specials)
-                if settings.add_eos and templated and any(templated) else None)
+                if settings.add_eos and any(r.templated for r in rendered) else None)
     if settings.add_eos and specials.eos_id is None:
         raise ModelError("the tokenizer has no EOS token, so completions cannot be ended; "
                          "set one on the tokenizer or turn off add_eos")
-    prompts = [prompt for prompt, _ in rendered]
-    flat = [c for _, completions in rendered for c in completions]
-    joined = [prompt + c for prompt, completions in rendered for c in completions]
-    prompt_ids = _encode_prompts(tokenizer, prompts, specials)
-    completion_ids = _encode(tokenizer, flat, add_special_tokens=False)
-    joined_ids = _encode_prompts(tokenizer, joined, specials)
+    flat = [c for r in rendered for c in r.completions]
+    prompt_ids = _encode_prompts(tokenizer, [r.prompt for r in rendered], specials)
+    if any(spans is not None for r in rendered for spans in r.trained):
+        completion_ids, offsets = _encode_with_offsets(tokenizer, flat)
+    else:
+        completion_ids, offsets = _encode(tokenizer, flat, add_special_tokens=False), None
+    joined_ids = _encode_prompts(tokenizer, [r.prompt + c for r in rendered for c in r.completions],
+                                 specials)
 
     stats = TokenizeStats(rows_read=len(rendered))
     examples: list[TokenizedExample] = []
     pos = 0
-    for row, (_, completions) in enumerate(rendered):
-        span = range(pos, pos + len(completions))
-        pos += len(completions)
+    for row, r in enumerate(rendered):
+        span = range(pos, pos + len(r.completions))
+        pos += len(r.completions)
         prompt = prompt_ids[row]
         if any(joined_ids[j] != prompt + completion_ids[j] for j in span):
             stats.boundary_merges += 1
-        closed = ([turn_end.cut(completion_ids[j]) for j in span]
-                  if turn_end is not None and templated is not None and templated[row]
-                  else [None for _ in span])
-        comps = [ids if ids is not None else _with_eos(completion_ids[j], specials.eos_id, settings.add_eos)
-                 for j, ids in zip(span, closed)]
+        closed = [_closed(completion_ids[j],
+                          None if spans is None else _turn_mask(offsets[j], spans, completion_ids[j], turn_end),
+                          turn_end if r.templated else None, specials.eos_id, settings.add_eos)
+                  for j, spans in zip(span, r.trained)]
+        comps = [ids for ids, _ in closed]
+        masks = ([mask if mask is not None else [True] * len(ids) for ids, mask in closed]
+                 if any(mask is not None and not all(mask) for _, mask in closed) else None)
         identical_before = len(comps) == 2 and comps[0] == comps[1]
         prompt, comps, truncated = truncate_ids(prompt, comps, settings.max_length,
                                                 settings.max_prompt_length, specials.bos_id)
-        reason = _drop_reason(comps, identical_before)
+        masks = cut_masks(masks, comps)
+        reason = _drop_reason(comps, identical_before, masks)
         if reason is None and scores is not None and len(set(scores[row])) == 1:
             reason = DROP_TIED
         if reason is not None:
@@ -362,9 +489,44 @@ def _tokenize(rendered: list[tuple[str, list[str]]], lines: list[int],
                                          index=len(examples), line=lines[row],
                                          label=None if labels is None else labels[row],
                                          truncated=truncated,
-                                         scores=None if scores is None else scores[row]))
+                                         scores=None if scores is None else scores[row],
+                                         completion_masks=masks))
     stats.rows_kept = len(examples)
     return examples, stats
+
+
+def _turn_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], ids: list[int],
+               turn_end: _TurnEnd | None) -> list[bool]:
+    """Which tokens of a completion its assistant turns hold: a token belongs to the turn its
+    first character lies in. Like a completion, each turn ends at its end-of-turn token: the
+    whitespace a template writes after that token is context, not trained."""
+    mask = [any(a <= start < b for a, b in spans) for start, _ in offsets]
+    if turn_end is not None:
+        for start, end, trained in _runs(mask):
+            cut = turn_end.cut(ids[start:end]) if trained else None
+            if cut is not None:
+                mask[start + len(cut):end] = [False] * (end - start - len(cut))
+    return mask
+
+
+def _closed(ids: list[int], mask: list[bool] | None, turn_end: _TurnEnd | None, eos_id: int | None,
+            add_eos: bool) -> tuple[list[int], list[bool] | None]:
+    """A completion ended as the module docstring says, and its mask (None: all trained).
+
+    Masked tokens at the end (a trailing user turn) are dropped first: nothing after the last
+    trained token changes a log-prob the loss reads, and the completion then closes at its last
+    assistant turn's end."""
+    if mask is not None:
+        if not any(mask):
+            return ids, mask  # no assistant turn: dropped, counted as such
+        while not mask[-1]:
+            mask = mask[:-1]
+        ids = ids[:len(mask)]
+    cut = turn_end.cut(ids) if turn_end is not None else None
+    if cut is not None:
+        return cut, None if mask is None else mask[:len(cut)]
+    ended = _with_eos(ids, eos_id, add_eos)
+    return ended, None if mask is None else mask + [True] * (len(ended) - len(ids))
 
 
 def _with_eos(ids: list[int], eos_id: int | None, add_eos: bool) -> list[int]:
@@ -411,10 +573,13 @@ class _TurnEnd:
         return None
 
 
-def _drop_reason(completions: list[list[int]], identical_before: bool) -> str | None:
+def _drop_reason(completions: list[list[int]], identical_before: bool,
+                 masks: list[list[bool]] | None = None) -> str | None:
     """Why a truncated example is useless for training, or None if it is fine."""
     if any(not c for c in completions):
         return DROP_EMPTY
+    if masks is not None and not all(any(m) for m in masks):
+        return DROP_UNTRAINED
     if len(completions) == 2 and completions[0] == completions[1]:
         return DROP_IDENTICAL if identical_before else DROP_IDENTICAL_AFTER_TRUNCATION
     return None
