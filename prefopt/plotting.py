@@ -226,10 +226,17 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, title: str 
     ax.set_title(title or "Reward vs KL frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path, dpi=120)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Lay the figure out, write it as a PNG (creating its directory) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -290,12 +297,7 @@ def plot_rounds(iterate_dirs: list[str | Path], path: str | Path, *, reward_labe
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def iterate_train_runs(iterate_dir: str | Path) -> list[Path]:
