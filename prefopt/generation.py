@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from prefopt.data.formats import best_and_worst
 from prefopt.errors import ConfigError, DataError
 
 log = logging.getLogger("prefopt")
@@ -405,8 +406,7 @@ def make_pairs(prompts: list[Prompt], samples: list[list[Sample]], scores: torch
             skipped["too_few_samples"] += 1
             continue
         if pairing == "best-worst":
-            hi = max(range(len(row)), key=lambda k: (s[k], -k))
-            lo = min(range(len(row)), key=lambda k: (s[k], k))
+            hi, lo = best_and_worst(s)
             if s[hi] == s[lo]:
                 skipped["tied"] += 1
             elif row[hi].text == row[lo].text:

@@ -54,21 +54,24 @@ def _pyplot():
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``RUN_DIR/metrics.jsonl`` (unreadable lines are an error naming the line)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
+    return [row for _, row in _jsonl(Path(run_dir) / "metrics.jsonl", "metrics")
+            if isinstance(row, dict) and "step" in row]
+
+
+def _jsonl(path: Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line; unreadable files and lines are errors naming them."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise DataError(f"cannot read metrics ({e.strerror or e})", source=str(path)) from None
+        raise DataError(f"cannot read {what} ({e.strerror or e})", source=str(path)) from None
+    rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg}", source=str(path), line=number) from None
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
     return rows
 
 
@@ -250,13 +253,7 @@ def read_rounds(iterate_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``DIR/rounds.jsonl``, in round order (unreadable lines are an error naming the line)."""
     path = Path(iterate_dir) / "rounds.jsonl"
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg}", source=str(path), line=number) from None
+    for number, row in _jsonl(path, "rounds"):
         if not (isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in ("round", "reward_mean",
                                                                                             "kl"))):
             raise DataError("a round's record needs numbers 'round', 'reward_mean' and 'kl'", source=str(path),

@@ -343,12 +343,12 @@ def _extreme_pairs(examples) -> tuple[list, list[int], int]:
     """Each K-answer row as the pair of its best and worst answer (the first of those tied), the lines
     of rows whose answers all tie, and the number of answers in all."""
     from prefopt.data import PreferencePair
+    from prefopt.data.formats import best_and_worst
     from prefopt.data.formats import template_inputs
 
     pairs, tied = [], []
     for e in examples:
-        best = max(range(len(e.scores)), key=lambda k: (e.scores[k], -k))
-        worst = min(range(len(e.scores)), key=lambda k: (e.scores[k], k))
+        best, worst = best_and_worst(e.scores)
         if e.scores[best] == e.scores[worst]:
             tied.append(e.line)
         else:

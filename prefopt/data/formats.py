@@ -298,13 +298,17 @@ def to_ranked(rows: Sequence[Row], fmt: str, fields: Fields | None = None) -> li
     return examples
 
 
+def best_and_worst(scores: Sequence[float]) -> tuple[int, int]:
+    """Indices of the best and the worst score: the first of those tied, a fixed rule."""
+    best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    worst = min(range(len(scores)), key=lambda k: (scores[k], k))
+    return best, worst
+
+
 def best_answers(examples: Sequence[RankedExample]) -> list[SFTExample]:
     """The highest-scored answer of each prompt (the first of those tied for best), for SFT."""
-    out = []
-    for e in examples:
-        best = max(range(len(e.scores)), key=lambda k: (e.scores[k], -k))
-        out.append(SFTExample(e.prompt, e.completions[best], e.line, e.source, **template_inputs(e)))
-    return out
+    return [SFTExample(e.prompt, e.completions[best_and_worst(e.scores)[0]], e.line, e.source, **template_inputs(e))
+            for e in examples]
 
 
 def to_unpaired(rows: Sequence[Row], fields: Fields | None = None) -> list[UnpairedExample]:
