@@ -18,6 +18,10 @@ minutes with nothing downloaded:
 4. **DPO** on those pairs, with the SFT model as the reference.
 5. **Evaluation** on other held-out prompts: mean reward of SFT and DPO samples, the DPO
    policy's win rate against SFT, and KL(pi_dpo || pi_sft) estimated from DPO's samples.
+6. With ``--iterative``, **iterative DPO** (`prefopt iterate`): two rounds that each sample
+   afresh from the current policy on the pair prompts, rank the answers with VADER and train
+   on the K-answer rows, evaluated the same way round by round. It is not on by default
+   because it takes the full demo from about 4 to about 5 minutes on one CPU thread.
 
 The reward is VADER's compound score of **prompt + completion**, the whole review as a
 reader sees it: a continuation that negates its prompt ("... was | not good at all") is
@@ -38,7 +42,7 @@ from typing import Any
 
 from prefopt.errors import ConfigError
 
-DEMO_ENTRIES = ("demo.json", "base", "data", "sft", "dpo", "plots", "cache", "summary.json", "eval")
+DEMO_ENTRIES = ("demo.json", "base", "data", "sft", "dpo", "iterate", "plots", "cache", "summary.json", "eval")
 JUDGE = "vader"
 
 
@@ -67,13 +71,18 @@ class DemoSettings:
     max_new_tokens: int = 48
     gen_batch: int = 64
     seed: int = 0
+    # the --iterative stage: rounds of iterative DPO on K-answer rows, each round sampled afresh from
+    # the last round's policy; rounds x steps x batch spends what offline DPO does on its pairs
+    iterate_rounds: int = 2
+    iterate_steps: int = 50
+    iterate_batch: int = 16
 
 
 FULL = DemoSettings()
 QUICK = DemoSettings(num_reviews=1000, heldout_reviews=240, eval_prompts=40, vocab_size=600, hidden_size=64,
                      num_layers=2, num_heads=4, intermediate_size=128, sft_steps=150, sft_lr=3e-3, sft_batch=32,
                      pair_samples=4, pair_rounds=2, dpo_steps=25, dpo_lr=2e-4, dpo_batch=32, eval_samples=4,
-                     max_new_tokens=32, gen_batch=64)
+                     max_new_tokens=32, gen_batch=64, iterate_rounds=2, iterate_steps=12, iterate_batch=16)
 
 
 # ---------------------------------------------------------------------------- data
@@ -124,20 +133,35 @@ def build_base(settings: DemoSettings, corpus: list[str], path: Path) -> Path:
     return save_tiny(model, tok, path)
 
 
+def train_config(*, loss_type: list[str], steps: int, lr: float, batch: int, cache_dir: Path, seed: int,
+                 beta: float = 0.1, warmup: int = 0, scheduler: str = "cosine", model: Path | str | None = None,
+                 data: Path | None = None, output_dir: Path | None = None, ref_model: str | None = None):
+    """The demo's TrainConfig; model, data and output directory are left out for `iterate`, which sets them."""
+    from prefopt.config import TrainConfig
+
+    return TrainConfig(model=None if model is None else str(model), ref_model=ref_model,
+                       data=None if data is None else str(data),
+                       output_dir=None if output_dir is None else str(output_dir), overwrite=True,
+                       loss_type=loss_type, beta=beta, learning_rate=lr, batch_size=batch, max_steps=steps,
+                       lr_scheduler=scheduler, warmup_steps=warmup, max_length=96, max_prompt_length=24,
+                       save_steps=None, logging_steps=max(1, steps // 25), cache_dir=str(cache_dir), seed=seed,
+                       progress=False)
+
+
+def explicit_options(loss_type: list[str]) -> set[str]:
+    return {"loss_type", "learning_rate", "max_steps"} | ({"beta"} if loss_type != ["sft"] else set())
+
+
 def train_run(*, model: Path | str, data: Path, output_dir: Path, loss_type: list[str], steps: int, lr: float,
               batch: int, cache_dir: Path, seed: int, beta: float = 0.1, ref_model: str | None = None,
               warmup: int = 0, scheduler: str = "cosine") -> dict[str, Any]:
     """One ``prefopt.train.train`` run with the demo's fixed options."""
-    from prefopt.config import TrainConfig
     from prefopt.train import train
 
-    cfg = TrainConfig(model=str(model), ref_model=ref_model, data=str(data), output_dir=str(output_dir),
-                      overwrite=True, loss_type=loss_type, beta=beta, learning_rate=lr, batch_size=batch,
-                      max_steps=steps, lr_scheduler=scheduler, warmup_steps=warmup, max_length=96,
-                      max_prompt_length=24, save_steps=None, logging_steps=max(1, steps // 25),
-                      cache_dir=str(cache_dir), seed=seed, progress=False)
-    explicit = {"loss_type", "learning_rate", "max_steps"} | ({"beta"} if loss_type != ["sft"] else set())
-    return train(cfg, explicit)
+    cfg = train_config(model=model, data=data, output_dir=output_dir, loss_type=loss_type, steps=steps, lr=lr,
+                       batch=batch, cache_dir=cache_dir, seed=seed, beta=beta, ref_model=ref_model, warmup=warmup,
+                       scheduler=scheduler)
+    return train(cfg, explicit_options(loss_type))
 
 
 def load_model(path: Path | str):
@@ -186,6 +210,40 @@ def evaluate_policy(policy, ref, tok, prompts: list[str], judge, settings: DemoS
     return {"stats": stats, "samples": samples, "rewards": rewards, "ids": ids}
 
 
+def iterate_config(out: Path, sft_dir: Path, prompts: list[str], eval_prompts: list[str], settings: DemoSettings,
+                   iterate_format: str = "ranked"):
+    """The `prefopt iterate` configuration of the demo task, and the train options it names explicitly.
+
+    Each round samples ``pair_samples`` answers per prompt from the current policy, VADER
+    ranks them, and DPO (the demo's beta and learning rate) trains on them; the prompt
+    files are written under OUTPUT_DIR/data.
+    """
+    from prefopt.atomic import write_jsonl
+    from prefopt.iterate import IterateConfig, train_options
+
+    loss = ["sigmoid"]
+    tcfg = train_config(loss_type=loss, steps=settings.iterate_steps, lr=settings.dpo_lr,
+                        batch=settings.iterate_batch, cache_dir=out / "cache", seed=settings.seed,
+                        beta=settings.dpo_beta, warmup=max(1, settings.iterate_steps // 10))
+    prompts_file = write_jsonl(out / "data" / "iterate_prompts.jsonl", [{"prompt": q} for q in prompts])
+    eval_file = write_jsonl(out / "data" / "eval_prompts.jsonl", [{"prompt": q} for q in eval_prompts])
+    cfg = IterateConfig(model=str(sft_dir), prompts=str(prompts_file), judge=JUDGE, output_dir=str(out / "iterate"),
+                        rounds=settings.iterate_rounds, samples_per_prompt=settings.pair_samples,
+                        eval_prompts=str(eval_file), eval_samples=settings.eval_samples,
+                        max_new_tokens=settings.max_new_tokens, generation_batch_size=settings.gen_batch,
+                        iterate_format=iterate_format, train=train_options(tcfg))
+    return cfg, explicit_options(loss)
+
+
+def iterative_dpo(out: Path, sft_dir: Path, prompts: list[str], eval_prompts: list[str],
+                  settings: DemoSettings) -> list[dict[str, Any]]:
+    """Run :func:`iterate_config`'s rounds from scratch; returns the records of rounds 0..R."""
+    from prefopt.iterate import run_iterate
+
+    cfg, explicit = iterate_config(out, sft_dir, prompts, eval_prompts, settings)
+    return run_iterate(cfg, explicit, overwrite=True)
+
+
 def _lengths(samples):
     import torch
 
@@ -227,8 +285,13 @@ def prepare_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
 
 
 def run_demo(output_dir: str | Path | None = None, *, quick: bool = False, overwrite: bool = False,
-             console=None, settings: DemoSettings | None = None, threads: int | None = 1) -> dict[str, Any]:
+             console=None, settings: DemoSettings | None = None, threads: int | None = 1,
+             iterative: bool = False) -> dict[str, Any]:
     """Run the demo and return its summary (also written to OUTPUT_DIR/summary.json).
+
+    ``iterative`` adds a stage of iterative DPO (`prefopt iterate`, ``settings.iterate_rounds``
+    rounds) after offline DPO, compared with it on the same prompts; it is optional because it
+    takes the full demo past five minutes on a small CPU.
 
     ``threads`` sets torch's CPU threads for the run (None: leave them as they are). The
     demo's matrices are small (a few hundred columns), so splitting each product over
@@ -243,18 +306,20 @@ def run_demo(output_dir: str | Path | None = None, *, quick: bool = False, overw
             raise ConfigError(f"--threads: must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _run_demo(output_dir, quick=quick, overwrite=overwrite, console=console, settings=settings)
+        return _run_demo(output_dir, quick=quick, overwrite=overwrite, console=console, settings=settings,
+                         iterative=iterative)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: DemoSettings | None) -> dict[str, Any]:
+def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: DemoSettings | None,
+              iterative: bool) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
     from prefopt.atomic import write_json
     from prefopt.judges import load_judge
-    from prefopt.plotting import plot_frontier, plot_runs
+    from prefopt.plotting import plot_frontier, plot_rounds, plot_runs
 
     console = console or Console()
     settings = settings or (QUICK if quick else FULL)
@@ -283,7 +348,8 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
     base = build_base(settings, splits["corpus"], out / "base")
     t = lap("tokenizer + model", t0)
 
-    console.print("[bold]1/4 SFT[/bold]: learn to write reviews")
+    stages = 5 if iterative else 4
+    console.print(f"[bold]1/{stages} SFT[/bold]: learn to write reviews")
     train_run(model=base, data=sft_data, output_dir=out / "sft", loss_type=["sft"], steps=settings.sft_steps,
               lr=settings.sft_lr, batch=settings.sft_batch, cache_dir=out / "cache", seed=settings.seed,
               warmup=max(1, settings.sft_steps // 20))
@@ -291,14 +357,14 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
     t = lap("sft", t)
 
     judge = load_judge(JUDGE)
-    console.print(f"[bold]2/4 pairs[/bold]: sample {settings.pair_samples} completions per prompt from the SFT "
+    console.print(f"[bold]2/{stages} pairs[/bold]: sample {settings.pair_samples} completions per prompt from the SFT "
                   "model, judge with VADER, keep best vs worst")
     pair_info = make_preference_pairs(sft_dir, splits["pair_prompts"], settings, judge, data / "pairs.jsonl",
                                       seed=settings.seed + 1)
     console.print(f"{pair_info['pairs']} pairs; mean reward gap chosen - rejected {pair_info['mean_score_gap']:.3f}")
     t = lap("sampling pairs", t)
 
-    console.print(f"[bold]3/4 DPO[/bold]: beta={settings.dpo_beta}, reference = the SFT model")
+    console.print(f"[bold]3/{stages} DPO[/bold]: beta={settings.dpo_beta}, reference = the SFT model")
     dpo_metrics = train_run(model=sft_dir, data=data / "pairs.jsonl", output_dir=out / "dpo", loss_type=["sigmoid"],
                             steps=settings.dpo_steps, lr=settings.dpo_lr, batch=settings.dpo_batch,
                             cache_dir=out / "cache", seed=settings.seed, beta=settings.dpo_beta,
@@ -306,7 +372,7 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
     dpo_dir = out / "dpo" / "final"
     t = lap("dpo", t)
 
-    console.print("[bold]4/4 evaluation[/bold]: sample from both policies on held-out prompts")
+    console.print(f"[bold]4/{stages} evaluation[/bold]: sample from both policies on held-out prompts")
     sft_model, tok = load_model(sft_dir)
     dpo_model, _ = load_model(dpo_dir)
     prompts = splits["eval_prompts"]
@@ -314,6 +380,15 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
     dpo_eval = evaluate_policy(dpo_model, sft_model, tok, prompts, judge, settings, seed=settings.seed + 2,
                                ref_samples=sft_eval)
     t = lap("evaluation", t)
+
+    rounds: list[dict[str, Any]] = []
+    if iterative:
+        console.print(f"[bold]5/{stages} iterative DPO[/bold]: {settings.iterate_rounds} rounds of sampling "
+                      f"{settings.pair_samples} answers per prompt from the current policy, ranking them with VADER "
+                      f"and training {settings.iterate_steps} steps on the K-answer rows (reference = the round's "
+                      "start policy)")
+        rounds = iterative_dpo(out, sft_dir, splits["pair_prompts"][:unique_pair_prompts], prompts, settings)
+        t = lap("iterative dpo", t)
 
     s, d = sft_eval["stats"], dpo_eval["stats"]
     examples = []
@@ -326,7 +401,8 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
          "reward_stderr": s["policy_reward_stderr"], "kl_stderr": 0.0},
         {"method": f"DPO beta={settings.dpo_beta}", "label": "DPO", "kl": d["kl"], "reward": d["policy_reward_mean"],
          "reward_stderr": d["policy_reward_stderr"], "kl_stderr": d["kl_stderr"]},
-    ]
+    ] + [{"method": "iterative DPO", "label": f"round {r['round']}", "kl": r["kl"], "reward": r["reward_mean"],
+          "reward_stderr": r["reward_stderr"], "kl_stderr": r["kl_stderr"]} for r in rounds if r["round"] > 0]
     summary: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "judge": "VADER compound score of prompt + completion, in [-1, 1]",
@@ -342,12 +418,16 @@ def _run_demo(output_dir, *, quick: bool, overwrite: bool, console, settings: De
         "eval_prompts": len(prompts),
         "eval_samples_per_prompt": settings.eval_samples,
         "points": points,
+        "iterative": rounds or None,
         "examples": examples,
         "seconds": times,
     }
     charts = [str(p) for p in plot_runs([out / "sft", out / "dpo"], out / "plots")]
     charts.append(str(plot_frontier(points, out / "plots" / "frontier.png",
                                     title="Demo: reward vs KL from the SFT model", reward_label="mean VADER reward")))
+    if rounds:
+        charts.append(str(plot_rounds([out / "iterate"], out / "plots" / "rounds.png",
+                                      reward_label="mean VADER reward")))
     summary["charts"] = charts
     times["total"] = round(time.perf_counter() - t0, 1)
     write_json(out / "summary.json", summary, indent=1, ensure_ascii=False)
@@ -374,6 +454,11 @@ def show(summary: dict[str, Any], console) -> None:
     table.add_row("DPO", f"{d['reward_mean']:+.3f} ± {d['reward_stderr']:.3f}",
                   f"{d['kl']:.2f} ± {d['kl_stderr']:.2f}",
                   f"{d['win_rate_vs_sft']:.2f} ± {d['win_rate_stderr']:.2f}", f"{d['mean_tokens']:.1f}")
+    for r in summary.get("iterative") or []:
+        if r["round"] > 0:
+            table.add_row(f"iterative DPO r{r['round']}", f"{r['reward_mean']:+.3f} ± {r['reward_stderr']:.3f}",
+                          f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}",
+                          f"{r['win_rate_vs_sft']:.2f} ± {r['win_rate_stderr']:.2f}", f"{r['mean_tokens']:.1f}")
     console.print(table)
     ex = Table(title="Sample generations (prompt | SFT continuation | DPO continuation)", show_lines=True)
     ex.add_column("prompt", max_width=18)

@@ -194,10 +194,16 @@ def claim_output_dir(cfg: IterateConfig, settings: dict[str, Any], *, resume: bo
 
 
 def _iterate_entries(out: Path) -> list[Path]:
+    """What an iterate run writes in its directory, including the temporaries a kill can leave behind."""
     if not out.is_dir():
         return []
-    return [p for p in out.iterdir() if p.name in (CONFIG_FILE, ROUNDS_FILE, "plots")
-            or (p.name.startswith("round-") and p.name[6:].isdigit())]
+
+    def ours(name: str) -> bool:
+        if name.startswith(".tmp-"):  # prefopt.atomic's temporary of a file: .tmp-NAME.<hex>
+            name = name[len(".tmp-"):].rpartition(".")[0]
+        return name in (CONFIG_FILE, ROUNDS_FILE, "plots") or (name.startswith("round-") and name[6:].isdigit())
+
+    return [p for p in out.iterdir() if ours(p.name)]
 
 
 # ---------------------------------------------------------------------------- prompts

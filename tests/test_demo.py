@@ -1,4 +1,4 @@
-"""`prefopt demo --quick`: the whole pipeline end to end, and the output-directory rules."""
+"""`prefopt demo --quick --iterative`: the whole pipeline end to end, and the output-directory rules."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from prefopt.cli import main
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    assert main(["demo", "--quick", "--iterative", "--output-dir", str(out)]) == 0
     return out
 
 
@@ -35,6 +35,19 @@ def test_quick_demo_runs_the_pipeline_and_writes_its_summary(quick_demo):
         assert (quick_demo / path).is_file(), path
     pairs = [json.loads(line) for line in (quick_demo / "data/pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+
+
+def test_quick_demo_iterative_stage(quick_demo):
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    rounds = summary["iterative"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["kl"] == 0.0 and all(r["kl"] > 0 and math.isfinite(r["reward_mean"]) for r in rounds[1:])
+    assert [p["label"] for p in summary["points"] if p["method"] == "iterative DPO"] == ["round 1", "round 2"]
+    for path in ("iterate/rounds.jsonl", "iterate/round-2/done", "iterate/round-2/train/final/model.safetensors",
+                 "plots/rounds.png"):
+        assert (quick_demo / path).is_file(), path
+    rows = [json.loads(line) for line in (quick_demo / "iterate/round-1/data.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["completions"]) == len(r["scores"]) >= 2 for r in rows)
 
 
 def test_the_demo_corpus_ships_with_the_package():

@@ -186,6 +186,7 @@ def test_iterate_resumes_after_a_kill_exactly(uninterrupted, tmp_path, tiny_mode
     assert [p.name for p in sorted((r1 / "train" / "checkpoints").iterdir())] == ["step-3"]
     assert not (r1 / "train" / "final").exists()
     before = (r1 / "data.jsonl").stat()
+    (out / ".tmp-rounds.jsonl.deadbeef").write_text("")  # what a kill -9 inside an atomic write leaves
     capsys.readouterr()
 
     assert main(args) == 0  # the same command continues the run

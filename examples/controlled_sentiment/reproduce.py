@@ -112,6 +112,36 @@ def best_of_n(sft_model, tok, prompts, judge, settings: demo.DemoSettings, n_max
     return points
 
 
+def start_output(parser: argparse.ArgumentParser, out: Path, overwrite: bool):
+    """An empty ``out`` (a non-empty one is replaced only with --overwrite), a printer stamping the seconds
+    since then, and that start time."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            parser.error(f"{out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    return say, t0
+
+
+def train_sft_model(settings: demo.DemoSettings, out: Path) -> tuple[dict, Path]:
+    """The miniature's data splits and the SFT model trained on them from a fresh base model, as the demo
+    makes them: ``(splits, SFT final/ directory)``; the SFT rows go to ``out/data/sft.jsonl``."""
+    splits = demo.make_splits(settings)
+    data = out / "data"
+    data.mkdir()
+    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["sft_rows"]))
+    base = demo.build_base(settings, splits["corpus"], out / "base")
+    demo.train_run(model=base, data=data / "sft.jsonl", output_dir=out / "sft", loss_type=["sft"],
+                   steps=settings.sft_steps, lr=settings.sft_lr, batch=settings.sft_batch, cache_dir=out / "cache",
+                   seed=settings.seed, warmup=max(1, settings.sft_steps // 20))
+    return splits, out / "sft" / "final"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/frontier"))
@@ -122,26 +152,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = demo.FULL
     out: Path = args.output_dir
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            parser.error(f"{out} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
-
-    splits = demo.make_splits(settings)
+    say, t0 = start_output(parser, out, args.overwrite)
+    splits, sft_dir = train_sft_model(settings, out)
     data = out / "data"
-    data.mkdir()
-    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["sft_rows"]))
-    base = demo.build_base(settings, splits["corpus"], out / "base")
     common = {"cache_dir": out / "cache", "seed": settings.seed, "batch": settings.dpo_batch}
-    demo.train_run(model=base, data=data / "sft.jsonl", output_dir=out / "sft", loss_type=["sft"],
-                   steps=settings.sft_steps, lr=settings.sft_lr, batch=settings.sft_batch, cache_dir=out / "cache",
-                   seed=settings.seed, warmup=max(1, settings.sft_steps // 20))
-    sft_dir = out / "sft" / "final"
     say("SFT model trained")
     judge = load_judge("vader")
     pair_info = demo.make_preference_pairs(sft_dir, splits["pair_prompts"], settings, judge, data / "pairs.jsonl",
