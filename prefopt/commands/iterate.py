@@ -13,16 +13,13 @@ from prefopt.errors import ConfigError
 
 
 def _iterate_args(parser: argparse.ArgumentParser) -> None:
+    from prefopt.commands.pipeline import add_prompt_and_judge_args
     from prefopt.config import add_arguments
     from prefopt.iterate import PER_ROUND_FIELDS
 
     g = parser.add_argument_group("iterate")
     g.add_argument("--model", required=True, help="the SFT model: round 1 samples from it and starts training from it")
-    g.add_argument("--prompts", required=True,
-                   help="training prompts: .jsonl/.json/.csv with a prompt field, or .txt with one prompt per line")
-    g.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
-    g.add_argument("--judge", required=True,
-                   help="reward-model directory (num_labels=1), module:function, or 'vader'")
+    add_prompt_and_judge_args(g, "training prompts")
     g.add_argument("--rounds", type=int, default=2, help="rounds of sample -> judge -> train (default: 2)")
     g.add_argument("--samples-per-prompt", type=int, default=4,
                    help="answers sampled per training prompt each round (default: 4)")

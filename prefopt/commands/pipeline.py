@@ -46,14 +46,19 @@ def _limit(prompts: list, max_prompts: int | None) -> list:
 # ---------------------------------------------------------------------------- sample
 
 
-def _sample_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the model to sample from (usually the SFT model)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
+def add_prompt_and_judge_args(parser, what: str) -> None:
+    """--prompts, --prompt-field and --judge, as `sample` and `iterate` take them (``what``: the prompts' role)."""
     parser.add_argument("--prompts", required=True,
-                        help="prompts: .jsonl/.json/.csv with a prompt field, or .txt with one prompt per line")
+                        help=f"{what}: .jsonl/.json/.csv with a prompt field, or .txt with one prompt per line")
     parser.add_argument("--prompt-field", default="prompt", help="name of the prompt field (default: prompt)")
     parser.add_argument("--judge", required=True,
                         help="reward-model directory (num_labels=1), module:function, or 'vader'")
+
+
+def _sample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the model to sample from (usually the SFT model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
+    add_prompt_and_judge_args(parser, "prompts")
     parser.add_argument("--output", required=True, help="where to write the preference data (.jsonl)")
     parser.add_argument("--output-format", default="pairs", choices=("pairs", "ranked"),
                         help="pairs: prompt/chosen/rejected rows (see --pairing); ranked: one row per prompt with "
