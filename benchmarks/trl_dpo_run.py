@@ -4,7 +4,7 @@ It uses TRL's public API only (DPOConfig, DPOTrainer, a TrainerCallback) and wri
 file with per-step losses and times, the pairs processed, and a digest of the token ids
 TRL trained on, so the driver can check both trainers saw the same tokens.
 
-Usage: ``python benchmarks/trl_dpo_run.py --model DIR --data FILE --steps N --out FILE [--precompute]``
+Usage: ``python benchmarks/trl_dpo_run.py --model DIR --data FILE --steps N --out FILE [--precompute] [--gpu]``
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
+    ap.add_argument("--gpu", action="store_true", help="on CUDA, bf16 autocast over float32 weights (bf16=True)")
     a = ap.parse_args()
 
     import torch
@@ -41,12 +42,17 @@ def main() -> None:
 
     step_times: list[float] = []
 
+    def now() -> float:
+        if a.gpu:
+            torch.cuda.synchronize()  # a step's kernels are done when its time is taken
+        return time.perf_counter()
+
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            step_times.append(time.perf_counter())
+            step_times.append(now())
 
         def on_step_end(self, args, state, control, **kw):
-            step_times.append(time.perf_counter())
+            step_times.append(now())
 
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
         config = DPOConfig(
@@ -68,9 +74,9 @@ def main() -> None:
             precompute_ref_log_probs=a.precompute,
             train_sampling_strategy="sequential",  # no shuffle: the same pairs in the same order as prefopt
             seed=a.seed,
-            bf16=False,
+            bf16=a.gpu,
             fp16=False,
-            use_cpu=True,
+            use_cpu=not a.gpu,
             logging_steps=1,
             save_strategy="no",
             report_to="none",
@@ -108,6 +114,7 @@ def main() -> None:
             "optimizer_fused": bool(trainer.optimizer.param_groups[0].get("fused")),
             "reference_model_loaded": trainer.ref_model is not None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.gpu else None,
         }
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -38,6 +38,38 @@ NAME = "prefopt_sdpa"
 Segment = tuple[int, int, tuple[int, ...]]
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def mask_restrictions(config) -> tuple[int | None, int | None] | dict[str, tuple[int | None, int | None]]:
+    """What each kind of attention layer adds to the prefix-sharing mask: ``(window, chunk)``.
+
+    A sliding window (a query sees keys fewer than ``window`` positions back) or an attention chunk
+    (keys in the query's own ``chunk``-long block of positions). Models whose layers differ
+    (``config.layer_types``: Gemma 2/3, Qwen2 with a sliding window, Cohere 2, GPT-OSS, ...) get a
+    dict keyed by layer type; models with one window for every layer (Mistral, Phi-3, Starcoder2),
+    or none, get one pair.
+    """
+    config = _text_config(config)
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) and window > 0 else None
+    chunk = getattr(config, "attention_chunk_size", None)
+    chunk = chunk if isinstance(chunk, int) and chunk > 0 else None
+
+    def of(kind: str) -> tuple[int | None, int | None]:
+        return (window if kind == "sliding_attention" else None, chunk if kind == "chunked_attention" else None)
+
+    types = getattr(config, "layer_types", None)
+    kinds = set(types) if isinstance(types, (list, tuple)) and types else set()
+    if not kinds:
+        uses_window = window is not None and getattr(config, "use_sliding_window", True) is not False
+        return (window if uses_window else None, None)
+    if len(kinds) == 1:
+        return of(next(iter(kinds)))
+    return {kind: of(kind) for kind in sorted(kinds)}
+
+
 def _sdpa_fallback():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -148,22 +180,49 @@ def register() -> None:
     _registered = True
 
 
-def use_segment_attention(model: torch.nn.Module) -> bool:
-    """Switch an SDPA model to ``prefopt_sdpa``; False (model unchanged) where that is not possible."""
+def segment_kernel() -> str:
+    """The block-attention kernel that measures best on this machine: FlexAttention's block masks
+    (:mod:`prefopt.flex`) where CUDA is present and FlexAttention is installed; SDPA per segment
+    (this module) otherwise: on a CPU the per-segment calls beat FlexAttention's compiled kernel."""
+    from prefopt import flex
+
+    return flex.NAME if torch.cuda.is_available() and flex.available() else NAME
+
+
+BLOCK_ATTENTION = (NAME, "prefopt_flex")  # this module's kernel and prefopt.flex's
+_ORIGINAL = "_prefopt_original_attention"
+
+
+def use_segment_attention(model: torch.nn.Module, kernel: str | None = None) -> bool:
+    """Switch an SDPA (or flex-attention) model to block attention, ``kernel`` (default:
+    :func:`segment_kernel`); False (model unchanged) where that is not possible."""
+    from prefopt import flex
+
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    current = getattr(config, "_attn_implementation", None)
+    if current in BLOCK_ATTENTION and kernel in (None, current):
+        return True
+    kernel = kernel or segment_kernel()
+    if current in BLOCK_ATTENTION:
+        use_plain_attention(model)
+        current = model.config._attn_implementation
+    if current not in ("sdpa", "flex_attention") or (kernel == flex.NAME and not flex.available()):
         return False
-    register()
+    (flex.register if kernel == flex.NAME else register)()
     try:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(kernel)
     except (ValueError, AttributeError, TypeError):
         return False
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    switched = getattr(model.config, "_attn_implementation", None) == kernel
+    if switched:
+        setattr(model, _ORIGINAL, current)
+    return switched
 
 
 def use_plain_attention(model: torch.nn.Module) -> bool:
-    """Undo :func:`use_segment_attention` (back to transformers' SDPA); False if it was not switched."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != NAME:
+    """Undo :func:`use_segment_attention` (back to the implementation the model had: transformers' SDPA
+    or flex attention); False if it was not switched."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in BLOCK_ATTENTION:
         return False
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(getattr(model, _ORIGINAL, "sdpa"))
     return True

@@ -44,7 +44,8 @@ class PackedBatch:
 
     input_ids: torch.Tensor        # [R, L] long
     position_ids: torch.Tensor     # [R, L] long
-    attention_mask: torch.Tensor   # [R, 1, L, L] bool, True = may attend; [R, L] (real positions) when plain
+    seg_ids: torch.Tensor          # [R, L] long, row-local segment number, -1 = padding
+    part_ids: torch.Tensor         # [R, L] long, 0 = prompt, j + 1 = the segment's completion j
     hidden_index: torch.Tensor     # [T] flat index (r * L + position) of the predicting hidden state
     target_ids: torch.Tensor       # [T] the completion token to score
     token_seq: torch.Tensor        # [T] sequence id of each scored token
@@ -63,6 +64,24 @@ class PackedBatch:
     plain: bool = False
     # [E, K] float32, K-answer data only: each completion's score, NaN for a filler completion
     scores: torch.Tensor | None = None
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[R, 1, L, L]`` bool, True = may attend (``[R, L]``, the real positions, when plain).
+
+        Built on demand from the per-token layout: a kernel that reads the layout itself (block
+        attention, FlexAttention's block masks) never pays for the dense ``L x L`` mask.
+        """
+        seg, part = self.seg_ids, self.part_ids
+        if self.plain:
+            return seg >= 0
+        L = seg.shape[1]
+        same_seg = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+        visible_part = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
+        mask = same_seg & causal & visible_part
+        mask |= torch.eye(L, dtype=torch.bool, device=seg.device)  # padding attends to itself: no all-masked rows
+        return mask[:, None]
 
     @property
     def num_examples(self) -> int:
@@ -239,15 +258,6 @@ def collate(
         token_seq.extend([seq] * len(keep))
         token_pos.extend(range(len(keep)))
 
-    if plain:
-        mask = seg_id >= 0
-    else:
-        same_seg = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        visible_part = (part_id[:, None, :] == 0) | (part_id[:, :, None] == part_id[:, None, :])
-        mask = same_seg & causal & visible_part
-        mask |= torch.eye(L, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
-        mask = mask[:, None]
     labels = None
     if examples[0].label is not None:
         labels = torch.tensor([bool(ex.label) for ex in examples])
@@ -258,7 +268,8 @@ def collate(
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=mask,
+        seg_ids=seg_id,
+        part_ids=part_id,
         hidden_index=torch.tensor(hidden_index, dtype=torch.long),
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         token_seq=torch.tensor(token_seq, dtype=torch.long),
@@ -325,8 +336,8 @@ def split_rows(batch: PackedBatch) -> list[PackedBatch]:
         parts.append(PackedBatch(
             input_ids=batch.input_ids[r:r + 1, :n],
             position_ids=batch.position_ids[r:r + 1, :n],
-            attention_mask=(batch.attention_mask[r:r + 1, :n] if batch.plain
-                            else batch.attention_mask[r:r + 1, :, :n, :n]),
+            seg_ids=batch.seg_ids[r:r + 1, :n],
+            part_ids=batch.part_ids[r:r + 1, :n],
             hidden_index=batch.hidden_index[sel] - r * L,
             target_ids=batch.target_ids[sel],
             token_seq=local[torch.div(seq, n_comp, rounding_mode="floor")] * n_comp + seq % n_comp,

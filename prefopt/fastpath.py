@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from prefopt.atomic import write_json
-from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt.attention import use_plain_attention, use_segment_attention
 from prefopt.batching import PackedBatch, collate, split_rows
 from prefopt.data.tokenize import cut_masks
@@ -157,7 +156,7 @@ def apply_patches(model: torch.nn.Module, features: dict[str, bool]) -> dict[str
         untrim_last_mlp(model)
         got["trim_last_layer"] = False
     if features.get("block_attention") and features.get("masks", True):
-        got["block_attention"] = use_segment_attention(model) or _attn(model) == SEGMENT_ATTENTION
+        got["block_attention"] = use_segment_attention(model)
     else:
         use_plain_attention(model)
         got["block_attention"] = False
@@ -171,13 +170,14 @@ def _attn(model: torch.nn.Module) -> str | None:
 @contextlib.contextmanager
 def plain_model(model: torch.nn.Module):
     """The model as transformers built it: no patched forward, transformers' own SDPA."""
+    kernel = _attn(model)
     switched = use_plain_attention(model)
     try:
         with original_forwards(model):
             yield model
     finally:
         if switched:
-            use_segment_attention(model)
+            use_segment_attention(model, kernel)
 
 
 # ---------------------------------------------------------------------------- measuring

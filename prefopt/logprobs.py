@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.attention import NAME as SEGMENT_ATTENTION
+from prefopt import flex
+from prefopt.attention import mask_restrictions
 from prefopt.batching import PackedBatch
 from prefopt.layers import autocast_as, autocast_state, trimmed_mlp
 from prefopt.moe import load_balancing_loss, moe_routing, router_logits_from
@@ -61,36 +63,23 @@ def layer_masks(config, mask: torch.Tensor, positions: torch.Tensor) -> torch.Te
     """The 4-D mask each kind of attention layer needs, from the prefix-sharing mask and positions.
 
     Transformers' decoders take a ready 4-D mask as is, so the sliding window (or attention chunk)
-    that its own mask functions would add is added here, counted in each sequence's own positions
-    (a completion's positions restart after the prompt; a physical distance in the packed row means
-    nothing). Models whose layers differ (``config.layer_types``: Gemma 2/3, Qwen2 with a sliding
-    window, Cohere 2, GPT-OSS, ...) get a dict keyed by layer type, which their forward accepts in
-    place of a mask; models with one window for every layer (Mistral, Phi-3, Starcoder2) get it
-    applied to the one mask.
+    that its own mask functions would add is added here (see :func:`prefopt.attention.mask_restrictions`),
+    counted in each sequence's own positions (a completion's positions restart after the prompt; a
+    physical distance in the packed row means nothing). Models whose layers differ get a dict keyed
+    by layer type, which their forward accepts in place of a mask.
     """
-    config = _text_config(config)
-    window = getattr(config, "sliding_window", None)
-    window = window if isinstance(window, int) and window > 0 else None
-    chunk = getattr(config, "attention_chunk_size", None)
-    chunk = chunk if isinstance(chunk, int) and chunk > 0 else None
     pos = positions[:, None, :, None], positions[:, None, None, :]
 
-    def restrict(kind: str) -> torch.Tensor:
-        if kind == "sliding_attention" and window is not None:
+    def restrict(window: int | None, chunk: int | None) -> torch.Tensor:
+        if window is not None:
             return mask & (pos[0] - pos[1] < window)
-        if kind == "chunked_attention" and chunk is not None:
+        if chunk is not None:
             return mask & (torch.div(pos[0], chunk, rounding_mode="floor")
                            == torch.div(pos[1], chunk, rounding_mode="floor"))
         return mask
 
-    types = getattr(config, "layer_types", None)
-    kinds = set(types) if isinstance(types, (list, tuple)) and types else set()
-    if not kinds:
-        uses_window = window is not None and getattr(config, "use_sliding_window", True) is not False
-        return restrict("sliding_attention") if uses_window else mask
-    if len(kinds) == 1:
-        return restrict(next(iter(kinds)))
-    return {kind: restrict(kind) for kind in sorted(kinds)}
+    kinds = mask_restrictions(config)
+    return {k: restrict(*r) for k, r in kinds.items()} if isinstance(kinds, dict) else restrict(*kinds)
 
 
 def _block_mask(mask: torch.Tensor):
@@ -102,8 +91,11 @@ def _block_mask(mask: torch.Tensor):
 
 
 def _attention_mask_for(model: torch.nn.Module, batch: PackedBatch, dtype: torch.dtype):
-    """The 4-D mask(s) of a packed batch in the form the model's attention implementation takes."""
+    """The 4-D mask(s) of a packed batch in the form the model's attention implementation takes
+    (for :mod:`prefopt.flex`, block masks read from the layout: no dense mask is built)."""
     impl = _attn_impl(model) or "eager"
+    if impl == flex.NAME:
+        return flex.block_masks(model.config, batch.seg_ids, batch.part_ids, batch.position_ids)
     if impl not in BOOL_MASK_IMPLEMENTATIONS + FLOAT_MASK_IMPLEMENTATIONS + BLOCK_MASK_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation {impl!r} takes no custom 4-D masks, which prefix sharing and packing "

@@ -222,9 +222,16 @@ def router_aux_wanted(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     return True
 
 
-def check_split(cfg: TrainConfig, mode: str, sharded: bool) -> bool:
+def check_split(cfg: TrainConfig, mode: str, sharded: bool, device=None) -> bool:
     """Whether the training loop runs micro-batches row by row (see :func:`row_parts`)."""
-    return not (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type) or sharded)
+    return not (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type) or sharded or rows_together(device))
+
+
+def rows_together(device) -> bool:
+    """On a GPU a micro-batch's packed rows run in one forward: one launch per row would leave the device
+    idle, and the rows hold no more than the padded batch of a plain trainer (packing only shortens
+    them). A CPU runs them one by one: no padding, one row's activations alive at a time."""
+    return device is not None and torch.device(device).type == "cuda"
 
 
 def settle_fast_paths(cfg: TrainConfig, model: torch.nn.Module, data: Examples, pad_id: int, *, device,
@@ -369,7 +376,7 @@ def reference_table(run: "Run", model, score, examples, ref_cfg: TrainConfig, we
         hit = broadcast_object_list([hit])[0]  # the main process's view: all must take the same branch
     table, hit = CachedReference.build(
         model, map(layout, chunks[rank::world]), len(examples), run.n_comp, score, cache_file=path,
-        device=accelerator.device, split=not collective, forwards=math.ceil(len(chunks) / world) if collective else 0,
+        device=accelerator.device, split=not (collective or rows_together(accelerator.device)), forwards=math.ceil(len(chunks) / world) if collective else 0,
         filler=layout(chunks[0]) if collective else None, gather=_gather_rows if world > 1 else None, write=accelerator.is_main_process, hit=hit)
     accelerator.wait_for_everyone()  # the file is whole before any process goes on
     accelerator.print(f"reference log-probs: {'loaded from cache' if hit else 'computed and cached'} "
@@ -556,10 +563,11 @@ def row_parts(batch: PackedBatch, cfg: TrainConfig, mode: str, accelerator: Acce
     Forward + backward row by row keeps one row's activations alive instead of the whole
     micro-batch's and drops padding; gradients add up to the same sum, since each pair's
     loss depends on that pair only. Not for KTO (its KL estimate spans the batch), AOT
-    (sorts over the batch), or DeepSpeed/FSDP (which count or shard per backward).
+    (sorts over the batch), DeepSpeed/FSDP (which count or shard per backward), or on a GPU
+    (:func:`rows_together`).
     """
     if (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type)
-            or accelerator.distributed_type in SHARDING_ENGINES):
+            or accelerator.distributed_type in SHARDING_ENGINES or rows_together(accelerator.device)):
         return [batch]
     return split_rows(batch)
 
@@ -1005,7 +1013,7 @@ def settle_policy(run: Run, model: torch.nn.Module) -> None:
     requested = requested_features(cfg, sharded=run.sharded, recomputing=recomputing, zero3=run.zero3)
     run.cfg, run.fast = settle_fast_paths(
         cfg, model, run.data, run.pad_id, device=run.accelerator.device, requested=requested,
-        with_grad=not run.zero3, split=check_split(cfg, run.mode, run.sharded), weights_digest=run.weights_digest,
+        with_grad=not run.zero3, split=check_split(cfg, run.mode, run.sharded, run.accelerator.device), weights_digest=run.weights_digest,
         accelerator=run.accelerator, autocast=run.autocast_dtype, everyone=run.zero3)
     run.accelerator.print(announce(run.fast))
 

@@ -162,6 +162,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # query-sparse attention indexer on the "indexed_attention" layers
     "Qwen4ExpForCausalLM": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8,
                             "indexer_budget": 8, "indexer_compress_ratio": 2},
+    # sparse indexed attention (transformers 5.25): layer 0 sliding, layer 1 an indexer, layer 2 a reindexer
+    # that reads layer 1's keys and values; budgets small enough that a 40-token row is sparse
+    "Kolibri1_1ForCausalLM": {"num_hidden_layers": 3, "head_dim": 16, "mlp_only_layers": [0],
+                              "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
+                              "index_layers": [1], "kv_source_layers": [0, 1, 1], "index_num_heads": 2,
+                              "index_topk": 4, "index_pool_size": 16, "index_compression": 4,
+                              "index_num_local_tokens": 4, "index_num_sink_tokens": 2},
     # qk/v widths are rounded up to multiples of 64 for the state but not for the projections
     "xLSTMForCausalLM": {"hidden_size": 128, "embedding_dim": 128},
     # byte-level LM with entropy patching; DynamicCache(config=BltConfig) fails in 5.24, so no cache by default

@@ -15,6 +15,24 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# Tests that launch several processes: with ``pytest -n 2`` (the README's command) they all run in one
+# worker, one after another. accelerate's launcher listens on one fixed port, and two of these
+# at once would also oversubscribe the two cores they were sized for.
+LAUNCHING_MODULES = {"test_distributed.py", "test_fsdp2.py", "test_gpu_check.py"}
+
+
+# Modules whose tests share one expensive module fixture (a whole demo run): one worker builds it once.
+SHARED_FIXTURE_MODULES = {"test_demo.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in LAUNCHING_MODULES or "across_processes" in item.name:
+            item.add_marker(pytest.mark.xdist_group("launch"))
+        elif item.path.name in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 GOOD = ["sunny", "bright", "warm", "gentle", "kind", "happy", "calm", "clear"]
 BAD = ["stormy", "dark", "cold", "harsh", "cruel", "sad", "angry", "grey"]
 FILLER = ["the", "a", "day", "sky", "morning", "road", "town", "river", "field", "house", "and", "was"]

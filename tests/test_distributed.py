@@ -97,7 +97,19 @@ def assert_same_run(ours: Path, theirs: Path, atol: float = 1e-5) -> None:
     a, b = load_file(str(ours / "final" / "model.safetensors")), load_file(str(theirs / "final" / "model.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+        assert_weights_close(a[k].float(), b[k].float(), atol, k)
+
+
+def assert_weights_close(a: torch.Tensor, b: torch.Tensor, atol: float, name: str) -> None:
+    """Equal to ``atol`` but for at most one weight in a thousand, which must still be within 1e-3.
+
+    Why the allowance: a sharded run sums gradients in another order, and Adam divides by sqrt(v) + eps, so a
+    weight whose gradient nearly cancels (|g| near eps) turns a 1e-7 difference in g into a visible one in its
+    step.  Seen under ZeRO-2/FSDP2 with transformers 5.25: 1 weight of 2,048 off by 7e-5 after three steps of
+    5e-3 while the losses agreed to 1e-7.  A wrong reduction or a lost shard moves far more weights than that."""
+    off = (a - b).abs()
+    assert off.max().item() <= 1e-3, (name, off.max().item())
+    assert (off > atol).sum().item() <= max(1, a.numel() // 1000), (name, int((off > atol).sum()), a.numel())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,140 @@
+"""Block attention for GPUs: FlexAttention with a block mask read from the segment layout.
+
+:mod:`prefopt.attention` skips what a packed, prefix-shared row's mask hides by calling SDPA
+once or twice per segment. On a CPU that measures best; on a GPU a Python loop of small kernel
+launches per segment and per layer is slow, and the dense ``[rows, L, L]`` mask it falls back on
+is built on the host every step. Here the mask is a ``mask_mod`` over four per-token vectors
+(segment, part, position, and whether the token is real), and FlexAttention's ``BlockMask``
+made from it lets one fused kernel per layer skip every fully hidden 128 x 128 block: no loop,
+no dense mask on the host. The block mask is built once per forward (on the batch's device) and
+shared by every layer of its kind; sliding windows and attention chunks are part of it, counted
+in each sequence's own positions, exactly as :func:`prefopt.logprobs.layer_masks` does.
+
+Rows are padded inside the attention call to a whole number of blocks (the padding attends only
+to itself and is cut off again): torch's compiled CPU kernel gives wrong values when a length is
+not a multiple of the block size (seen with torch 2.13), and on a GPU the kernel's tail handling
+is then never exercised. Soft-capping becomes a ``score_mod``; attention sinks and position
+biases are refused (the check then keeps another kernel).
+
+Registered with transformers as the attention implementation ``prefopt_flex``; without a block
+mask (generation, a model that builds its own mask) the call goes to transformers' SDPA function
+unchanged. Chosen automatically on CUDA by :func:`prefopt.attention.use_segment_attention`, and
+like every fast path proven against the plain computation on the model at hand by
+:mod:`prefopt.fastpath` before it is used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefopt.attention import mask_restrictions
+
+NAME = "prefopt_flex"
+BLOCK = 128
+
+
+def available() -> bool:
+    """FlexAttention importable (torch >= 2.5) and transformers' flex integration present."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+        from transformers.integrations.flex_attention import flex_attention_forward  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _padded(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def block_masks(config, seg_ids: torch.Tensor, part_ids: torch.Tensor, positions: torch.Tensor):
+    """The BlockMask (or a dict of them by layer type) for rows laid out as ``seg_ids``/``part_ids``.
+
+    ``seg_ids``: [R, L], the row-local segment of each token, -1 on padding; ``part_ids``: 0 for a
+    segment's prompt, j + 1 for its completion j; ``positions``: the model's position ids. The mask
+    has the length padded to a multiple of :data:`BLOCK`; padded and padding queries see themselves.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    R, L = seg_ids.shape
+    Lp = -(-L // BLOCK) * BLOCK
+    seg, part, pos = _padded(seg_ids, Lp, -1), _padded(part_ids, Lp, 0), _padded(positions, Lp, 0)
+
+    def mod_for(window: int | None, chunk: int | None):
+        def mask_mod(b, h, q, kv):
+            sees = (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0) & (kv <= q)
+            sees = sees & ((part[b, kv] == 0) | (part[b, q] == part[b, kv]))
+            if window is not None:
+                sees = sees & (pos[b, q] - pos[b, kv] < window)
+            if chunk is not None:
+                sees = sees & (pos[b, q] // chunk == pos[b, kv] // chunk)
+            return sees | (q == kv)
+        return create_block_mask(mask_mod, R, None, Lp, Lp, device=seg.device, BLOCK_SIZE=BLOCK, _compile=False)
+
+    kinds = mask_restrictions(config)
+    if not isinstance(kinds, dict):
+        return mod_for(*kinds)
+    made = {r: mod_for(*r) for r in set(kinds.values())}  # layer types that see the same share one mask
+    return {k: made[r] for k, r in kinds.items()}
+
+
+_compiled = None
+
+
+def _kernel(device: torch.device):
+    """FlexAttention compiled into one fused kernel on a GPU; eager elsewhere (torch's compiled CPU
+    template fails to build for some masks, seen with torch 2.13, and a CPU run uses
+    :mod:`prefopt.attention` anyway)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention)
+    return _compiled
+
+
+def prefopt_flex_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers attention-interface entry point (see the module docstring)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kwargs.pop("prefopt_segments", None)
+    L = query.shape[2]
+    if not isinstance(attention_mask, BlockMask):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    unsupported = [name for name in ("s_aux", "position_bias") if kwargs.get(name) is not None]
+    if dropout or key.shape[2] != L or unsupported:
+        raise ValueError("prefopt_flex cannot run this layer (" + (", ".join(unsupported) or "attention dropout, or "
+                         "keys of another length than the queries") + "); the fast-path check switches it off")
+    softcap = kwargs.get("softcap")
+
+    def capped(score, b, h, q, kv):
+        return softcap * torch.tanh(score / softcap)
+
+    Lp = attention_mask.seq_lengths[0]
+    pad = (0, 0, 0, Lp - L)
+    out = _kernel(query.device)(F.pad(query, pad), F.pad(key, pad), F.pad(value, pad),
+                                score_mod=capped if softcap else None, block_mask=attention_mask, scale=scaling,
+                                enable_gqa=key.shape[1] != query.shape[1])
+    return out[:, :, :L].transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make ``prefopt_flex`` a transformers attention implementation (masks built as for SDPA)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, prefopt_flex_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
