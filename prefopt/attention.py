@@ -164,20 +164,25 @@ def prefopt_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     return segment_attention(query, key, value, segments, scaling=scaling, window=window), None
 
 
-_registered = False
+_registered: set[str] = set()
 
 
-def register() -> None:
-    """Make ``prefopt_sdpa`` a transformers attention implementation (masks built as for SDPA)."""
-    global _registered
-    if _registered:
+def register_implementation(name: str, forward) -> None:
+    """Make ``forward`` the transformers attention implementation ``name``, its masks built as for SDPA
+    (so generation and any call without prefopt's layout get transformers' own SDPA masks)."""
+    if name in _registered:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, prefopt_sdpa_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _registered.add(name)
+
+
+def register() -> None:
+    """Make ``prefopt_sdpa`` a transformers attention implementation."""
+    register_implementation(NAME, prefopt_sdpa_forward)
 
 
 def segment_kernel() -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefopt.attention import mask_restrictions
+from prefopt.attention import mask_restrictions, register_implementation
 
 NAME = "prefopt_flex"
 BLOCK = 128
@@ -124,17 +124,6 @@ def prefopt_flex_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     return out[:, :, :L].transpose(1, 2).contiguous(), None
 
 
-_registered = False
-
-
 def register() -> None:
-    """Make ``prefopt_flex`` a transformers attention implementation (masks built as for SDPA)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, prefopt_flex_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    _registered = True
+    """Make ``prefopt_flex`` a transformers attention implementation."""
+    register_implementation(NAME, prefopt_flex_forward)
