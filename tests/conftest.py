@@ -21,6 +21,21 @@ torch.set_num_threads(1)
 LAUNCHING_MODULES = {"test_distributed.py", "test_fsdp2.py", "test_gpu_check.py"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--segment-kernel", choices=("auto", "prefopt_sdpa", "prefopt_flex"), default="auto",
+                     help="the block-attention kernel every test gets (default: the machine's choice, "
+                          "prefopt.attention.segment_kernel); prefopt_flex proves FlexAttention on a CPU "
+                          "(forward only: torch has no CPU backward for it, so the check switches it off there)")
+
+
+def pytest_configure(config):
+    kernel = config.getoption("--segment-kernel")
+    if kernel != "auto":
+        import prefopt.attention
+
+        prefopt.attention.segment_kernel = lambda: kernel
+
+
 # Modules whose tests share one expensive module fixture (a whole demo run): one worker builds it once.
 SHARED_FIXTURE_MODULES = {"test_demo.py"}
 
