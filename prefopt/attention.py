@@ -38,7 +38,8 @@ NAME = "prefopt_sdpa"
 Segment = tuple[int, int, tuple[int, ...]]
 
 
-def _text_config(config):
+def text_config(config):
+    """The language model's config of a multimodal config (the config itself otherwise)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -51,7 +52,7 @@ def mask_restrictions(config) -> tuple[int | None, int | None] | dict[str, tuple
     dict keyed by layer type; models with one window for every layer (Mistral, Phi-3, Starcoder2),
     or none, get one pair.
     """
-    config = _text_config(config)
+    config = text_config(config)
     window = getattr(config, "sliding_window", None)
     window = window if isinstance(window, int) and window > 0 else None
     chunk = getattr(config, "attention_chunk_size", None)

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from prefopt.attention import text_config
 from prefopt.batching import PackedBatch, padded_token_count
 from prefopt.layers import trimmed_mlp
 
@@ -123,8 +124,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
-        config = model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(model.config)
         embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         skip = {id(p) for p in embed.parameters()} | {id(p) for p in head.parameters()}

@@ -3,8 +3,8 @@
 :mod:`prefopt.attention` skips what a packed, prefix-shared row's mask hides by calling SDPA
 once or twice per segment. On a CPU that measures best; on a GPU a Python loop of small kernel
 launches per segment and per layer is slow, and the dense ``[rows, L, L]`` mask it falls back on
-is built on the host every step. Here the mask is a ``mask_mod`` over four per-token vectors
-(segment, part, position, and whether the token is real), and FlexAttention's ``BlockMask``
+is built on the host every step. Here the mask is a ``mask_mod`` over three per-token vectors
+(segment, -1 on padding; part; position), and FlexAttention's ``BlockMask``
 made from it lets one fused kernel per layer skip every fully hidden 128 x 128 block: no loop,
 no dense mask on the host. The block mask is built once per forward (on the batch's device) and
 shared by every layer of its kind; sliding windows and attention chunks are part of it, counted
@@ -34,10 +34,9 @@ BLOCK = 128
 
 
 def available() -> bool:
-    """FlexAttention importable (torch >= 2.5) and transformers' flex integration present."""
+    """FlexAttention importable (torch >= 2.5)."""
     try:
-        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
-        from transformers.integrations.flex_attention import flex_attention_forward  # noqa: F401
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
     except ImportError:
         return False
     return True

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from prefopt.attention import NAME as SEGMENT_ATTENTION
 from prefopt import flex
-from prefopt.attention import mask_restrictions
+from prefopt.attention import NAME as SEGMENT_ATTENTION
+from prefopt.attention import mask_restrictions, text_config
 from prefopt.batching import PackedBatch
 from prefopt.layers import autocast_as, autocast_state, trimmed_mlp
 from prefopt.moe import load_balancing_loss, moe_routing, router_logits_from
@@ -53,10 +53,6 @@ def _attn_impl(model: torch.nn.Module) -> str | None:
 BOOL_MASK_IMPLEMENTATIONS = ("sdpa", SEGMENT_ATTENTION)
 FLOAT_MASK_IMPLEMENTATIONS = ("eager",)
 BLOCK_MASK_IMPLEMENTATIONS = ("flex_attention",)
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def layer_masks(config, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -158,7 +154,7 @@ def _postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
     """The logit transforms some architectures apply after the head: Cohere's ``logit_scale``,
     Granite's division by ``logits_scaling``, Gemma 2/3's final soft-capping. Any other is left to
     the fast-path check (:mod:`prefopt.fastpath`), which then switches to the model's own head."""
-    config = _text_config(config)
+    config = text_config(config)
     scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
@@ -306,7 +302,7 @@ class _HeadLogps(torch.autograd.Function):
 
 def _plain_head(head, config) -> bool:
     """True when the head is ``h @ W^T`` and nothing after it (most decoders)."""
-    config = _text_config(config)
+    config = text_config(config)
     scale = getattr(config, "logit_scale", None)
     divisor = getattr(config, "logits_scaling", None)
     return (type(head) is torch.nn.Linear and head.bias is None

@@ -566,8 +566,7 @@ def row_parts(batch: PackedBatch, cfg: TrainConfig, mode: str, accelerator: Acce
     (sorts over the batch), DeepSpeed/FSDP (which count or shard per backward), or on a GPU
     (:func:`rows_together`).
     """
-    if (mode == "kto" or BATCH_COUPLED_LOSSES & set(cfg.loss_type)
-            or accelerator.distributed_type in SHARDING_ENGINES or rows_together(accelerator.device)):
+    if not check_split(cfg, mode, accelerator.distributed_type in SHARDING_ENGINES, accelerator.device):
         return [batch]
     return split_rows(batch)
 
