@@ -10,7 +10,7 @@ computed in this parent process with ``prefopt.plan`` (``host=True``: CPU traini
 reading the checkpoint at load time counts) from the model's config.json and the tokenized
 data, with no per-configuration fitting.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/plan_vs_measured.py [--workdir DIR] [--jobs 2] [--steps 2]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/plan_vs_measured.py [--workdir DIR] [--jobs 1] [--steps 2]``
 """
 from __future__ import annotations
 
@@ -120,7 +120,9 @@ def train_flags(model: Path, data: Path, out: Path, cache: Path, batch: int, dty
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each is single-threaded)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time (each single-threaded); more than one shares the page cache, which "
+                         "moves the small runs' RSS by tens of MiB")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="names of configurations to run")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from prefopt.runtime import KERNEL_CACHE_ENTRIES
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -29,12 +31,16 @@ HEAD_CHUNK_ELEMENTS = 1 << 24
 # hidden-32 Llama; benchmarks/plan_vs_measured.py prints it as its "runtime" row): thread pools,
 # modules imported lazily during the run, the tokenizer and data, oneDNN's kernels. On a GPU: the
 # CUDA context and kernels, outside PyTorch's allocator (typically 300-600 MiB).
-# On the host it has two halves: ~26 MiB of heap (anonymous pages) and ~29 MiB of the libraries'
+# On the host it has two halves: ~16 MiB of heap (anonymous pages) and ~29 MiB of the libraries'
 # code pages first touched during the run (file-backed, counted in RSS; their number varies a
 # little with what other processes have in the page cache).
-HOST_RUNTIME_BYTES = 26 * MiB
+HOST_RUNTIME_BYTES = 16 * MiB
 HOST_CODE_BYTES = 29 * MiB
 CUDA_RUNTIME_BYTES = 512 * MiB
+# Low-precision matrix products on the host go through oneDNN, which keeps a compiled kernel and its work
+# space per shape; prefopt.runtime.bounded_kernel_caches caps each of its two caches at 64 entries.
+# Measured at ~0.9 (hidden 256) to ~1.6 MiB (hidden 512) per entry; a run fills them within its first rows.
+HOST_KERNEL_CACHE_BYTES = KERNEL_CACHE_ENTRIES * MiB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SHARDINGS = ("ddp", "zero2", "zero3")
 
@@ -237,6 +243,10 @@ def estimate(model: ModelShape, data: DataShape, setup: Setup) -> Estimate:
         else:
             extra = (2 * H + (I * moe if "down_proj" in adapted else 0)) * 4
         extra += len(adapted) * setup.lora_r * act
+        if adapted.keys() & {"gate_proj", "up_proj", "down_proj"}:
+            # an adapted MLP is no longer three plain linears, so the lean SwiGLU steps aside and the
+            # MLP keeps silu(gate) as well (gate*up, down_proj's input, is counted above)
+            extra += I * moe * act
         per_layer = T * extra
         saved += per_layer if setup.gradient_checkpointing else layers * per_layer
     parts["activations"] = saved
@@ -257,6 +267,8 @@ def estimate(model: ModelShape, data: DataShape, setup: Setup) -> Estimate:
     if setup.live_reference:
         parts["reference"] = P * w // shard_w
     if setup.host:
+        if setup.dtype != "float32":
+            parts["oneDNN kernel caches"] = HOST_KERNEL_CACHE_BYTES
         parts["runtime (host heap)"] = HOST_RUNTIME_BYTES
         parts["runtime (library code pages)"] = HOST_CODE_BYTES
     else:

@@ -58,6 +58,32 @@ def malloc_for_blas_buffers() -> bool:
     return True
 
 
+# Entries oneDNN (and ideep, PyTorch's wrapper of it) keep of compiled matrix-product kernels.
+KERNEL_CACHE_ENTRIES = 64
+
+
+def bounded_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> bool:
+    """Keep at most ``entries`` compiled oneDNN kernels instead of 1,024 (in each of its two caches).
+
+    Low-precision matrix products on the CPU go through oneDNN, which compiles a kernel for every
+    new shape and caches it with its work space: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` and ideep's
+    ``LRU_CACHE_CAPACITY``, 1,024 entries each by default. Packed rows differ in length, so nearly
+    every row brings new shapes and the caches only grow, by about 1 MiB per entry: bfloat16 training
+    of a 4-layer, hidden-256 model on 16 pairs went from 168 to 533 MiB of RSS above the float32 run's
+    plateau (191 MiB) before it levelled off. A row reuses its shapes across layers, never across rows,
+    so 64 entries keep every reuse: measured (24 steps, hidden 512, bfloat16) 742 MiB instead of
+    993 MiB at the same wall time; with no cache at all the same run is ~45 % slower. float32
+    products use MKL and are not affected. Does nothing (returns False) when either variable is set or
+    ``PREFOPT_MALLOC=system``.
+    """
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    if any(n in os.environ for n in names) or os.environ.get("PREFOPT_MALLOC", "").lower() == "system":
+        return False
+    for n in names:
+        os.environ[n] = str(entries)
+    return True
+
+
 def gpu_present() -> bool:
     """Whether this process may train on a GPU, decided before torch is imported (importing it to ask
     costs a second, and the allocator settings must come first): a CUDA or ROCm device node that is
@@ -81,4 +107,6 @@ def cpu_tunings() -> list[str]:
         applied.append("malloc keeps freed blocks")
     if malloc_for_blas_buffers():
         applied.append("MKL_DISABLE_FAST_MM=1")
+    if bounded_kernel_caches():
+        applied.append(f"oneDNN kernel caches of {KERNEL_CACHE_ENTRIES}")
     return applied

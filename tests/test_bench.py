@@ -210,6 +210,22 @@ def test_blas_buffers_from_malloc_unless_the_user_chose(monkeypatch):
     assert not malloc_for_blas_buffers() and os.environ["MKL_DISABLE_FAST_MM"] == "0"
 
 
+def test_onednn_kernel_caches_bounded_unless_the_user_chose(monkeypatch):
+    from prefopt.runtime import KERNEL_CACHE_ENTRIES, bounded_kernel_caches
+
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    for n in names:
+        monkeypatch.delenv(n, raising=False)
+    monkeypatch.setenv("PREFOPT_MALLOC", "system")
+    assert not bounded_kernel_caches() and not any(n in os.environ for n in names)
+    monkeypatch.delenv("PREFOPT_MALLOC")
+    assert bounded_kernel_caches() and all(os.environ[n] == str(KERNEL_CACHE_ENTRIES) for n in names)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # the user's own choice stands
+    assert not bounded_kernel_caches() and "LRU_CACHE_CAPACITY" not in os.environ
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+
+
 def test_cpu_allocator_tunings_apply_only_without_a_gpu(monkeypatch):
     import glob
 
@@ -219,9 +235,11 @@ def test_cpu_allocator_tunings_apply_only_without_a_gpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("PREFOPT_MALLOC", raising=False)
     monkeypatch.delenv("MKL_DISABLE_FAST_MM", raising=False)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
     monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"])
     assert runtime.gpu_present() and runtime.cpu_tunings() == []
-    assert "MKL_DISABLE_FAST_MM" not in os.environ
+    assert "MKL_DISABLE_FAST_MM" not in os.environ and "LRU_CACHE_CAPACITY" not in os.environ
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the GPU is hidden: CPU training
     assert not runtime.gpu_present()
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: True)

@@ -32,6 +32,25 @@ def test_lora_is_smaller_than_full():
     assert lora.parts["optimizer state"] < full.parts["optimizer state"] / 50
 
 
+def test_lora_on_the_mlp_keeps_what_the_lean_swiglu_would_recompute():
+    attention_only = est(replace(BASE, lora_r=16, lora_targets=("q_proj", "v_proj")))
+    with_mlp = est(replace(BASE, lora_r=16, lora_targets=("q_proj", "v_proj", "up_proj")))
+    # up_proj's input (the norm output, already kept for q/v in float32) adds nothing; silu(gate) and r-wide
+    # intermediates do: one intermediate-wide float32 tensor per token and layer
+    extra = with_mlp.parts["activations"] - attention_only.parts["activations"]
+    T, I, L = DATA.row_tokens, MODEL.intermediate, MODEL.layers
+    assert extra == L * T * (I * 4 + 16 * 4)
+
+
+def test_low_precision_on_the_host_counts_onednn_kernel_caches():
+    from prefopt.runtime import KERNEL_CACHE_ENTRIES
+
+    host = replace(BASE, host=True)
+    assert "oneDNN kernel caches" not in est(host).parts
+    assert est(replace(host, dtype="bfloat16")).parts["oneDNN kernel caches"] == KERNEL_CACHE_ENTRIES * P.MiB
+    assert "oneDNN kernel caches" not in est(replace(BASE, dtype="bfloat16")).parts  # a GPU: cuBLAS, no such caches
+
+
 def test_checkpointing_lowers_activations():
     plain, ckpt = est(), est(replace(BASE, gradient_checkpointing=True))
     assert ckpt.parts["activations"] < plain.parts["activations"] / 4
