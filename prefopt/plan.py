@@ -327,13 +327,13 @@ def checkpoint_bytes(name: str) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
-def split_rows_used(cfg, mode: str, sharded: bool) -> bool:
-    """Whether training runs row by row (prefopt.train.row_parts, and split_rows' own condition:
-    every example inside one row, which prefix sharing guarantees)."""
-    from prefopt.train import BATCH_COUPLED_LOSSES
+def split_rows_used(cfg, mode: str, sharded: bool, host: bool) -> bool:
+    """Whether training runs row by row (prefopt.train.check_split, and split_rows' own condition:
+    every example inside one row, which prefix sharing guarantees). On a GPU a micro-batch's rows
+    run together (prefopt.train.rows_together), so the largest forward is the whole micro-batch."""
+    from prefopt.train import check_split
 
-    return (mode != "kto" and not BATCH_COUPLED_LOSSES & set(cfg.loss_type) and not sharded
-            and cfg.prefix_sharing and not cfg.plain_path)
+    return host and check_split(cfg, mode, sharded, "cpu") and cfg.prefix_sharing and not cfg.plain_path
 
 
 def data_shape(lengths: list[tuple[int, tuple[int, ...]]], *, batch_size: int, prefix_sharing: bool = True,
@@ -406,7 +406,7 @@ class Plan:
         from prefopt.train import job_mode
 
         cfg = self.cfg
-        rows = split_rows_used(cfg, job_mode(cfg), setup.sharded)
+        rows = split_rows_used(cfg, job_mode(cfg), setup.sharded, setup.host)
         return data_shape(self.lengths, batch_size=setup.batch_size, prefix_sharing=cfg.prefix_sharing
                           and not cfg.plain_path, packing=cfg.packing and not cfg.plain_path, row_by_row=rows,
                           seed=cfg.seed, shuffle=cfg.shuffle)

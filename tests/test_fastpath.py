@@ -187,3 +187,44 @@ def test_plain_batches_equal_the_models_own_forward_one_sequence_at_a_time():
     with torch.no_grad():
         got = completion_logps(model, collate(data, pad_token_id=0, plain=True)).logps
     assert torch.allclose(got, naive_logps(model, data), atol=1e-5)
+
+
+def _probe(values):
+    from prefopt.fastpath import Probe
+
+    return Probe(torch.as_tensor(values, dtype=torch.float64), None)
+
+
+def test_low_precision_noise_passes_when_no_further_from_float32_than_the_plain_path():
+    """On a GPU two correct bf16 layouts differ by bf16's own noise (~0.04 nats a token on a 150M
+    Qwen2 with a trained model's logit spread, beyond the fixed 0.02): judged against float32, a
+    fast path as close to it as the plain path passes; one with a fault of its own does not."""
+    from prefopt.fastpath import TOLERANCES, compare
+
+    tol = TOLERANCES[torch.bfloat16]
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(8, 50, generator=g, dtype=torch.float64) - 3
+    plain = exact + 0.05 * torch.randn(8, 50, generator=g, dtype=torch.float64)
+    fast = exact + 0.05 * torch.randn(8, 50, generator=g, dtype=torch.float64)
+    assert compare(_probe(fast), _probe(plain), tol) is not None                  # the fixed tolerance alone
+    assert compare(_probe(fast), _probe(plain), tol, _probe(exact)) is None       # as exact as bf16 allows
+    faulty = fast - 0.05                                                           # e.g. a logit scale lost
+    why = compare(_probe(faulty), _probe(plain), tol, _probe(exact))
+    assert why is not None and "from float32" in why
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_the_float32_reference_leaves_low_precision_weights_as_they_were(pure):
+    """The check's float32 pass upcasts bf16 weights for the while and puts back the same bits."""
+    from prefopt.fastpath import float32_references
+
+    model = build(T.LlamaConfig, T.LlamaForCausalLM)
+    if pure:
+        model = model.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = check_rows(rows(4))
+    common = dict(pad_id=0, split=True, chunk_size=64, device="cpu", autocast=None if pure else torch.bfloat16)
+    exact, exact_grad = float32_references(model, data, data[:2], common)
+    assert exact.token_logps.dtype == torch.float64 and exact_grad.grads is not None
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

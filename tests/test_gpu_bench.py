@@ -33,9 +33,34 @@ def test_smoke_run_reports_speed_memory_and_mfu(tmp_path):
     else:
         assert "trl" not in result and "TRL not run" in proc.stdout
     assert "MFU" in proc.stdout
+    assert result["checkpointed"]["prefopt"]["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert "with --gradient-checkpointing" in proc.stdout
 
 
 def test_without_a_gpu_it_says_so_and_measures_nothing(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "no GPU" in proc.stdout and not (tmp_path / "x.json").exists()
+
+
+def _gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plan_line_is_read_and_set_against_reserved_memory_plus_the_cuda_context():
+    gpu = _gpu_module()
+    out = "x\nmemory plan: peak 6.50 GiB (weights 1.84 GiB, optimizer state 3.68 GiB)\ny"
+    assert gpu.planned_peak(out) == int(6.5 * 2**30)
+    assert gpu.planned_peak("memory plan: peak 712.4 MiB (weights 1.0 MiB)") == int(712.4 * 2**20)
+    assert gpu.planned_peak("no plan line") is None
+    ours = {"plan_peak_bytes": 6 * 2**30, "peak_gpu_reserved_bytes": 5 * 2**30, "cuda_context_bytes": 2**30,
+            "peak_gpu_bytes": 4 * 2**30}
+    check = gpu.plan_check(ours)
+    assert check["measured_bytes"] == 6 * 2**30 and check["ratio"] == 1.0
+    assert gpu.plan_check({**ours, "peak_gpu_reserved_bytes": None}) is None      # a CPU run: nothing to set it against

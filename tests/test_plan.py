@@ -176,3 +176,18 @@ def test_cli_suggestions_fit(plan_model, capsys):
     for line in out.split("settings that fit:")[1].strip().splitlines():
         size = line.rsplit("peak ", 1)[1]
         assert P.parse_memory(size.replace(" ", "")) <= budget
+
+
+def test_on_a_gpu_the_largest_forward_is_the_whole_micro_batch(plan_model):
+    """prefopt.train.rows_together runs a micro-batch's rows in one forward on CUDA, row by row on the
+    host: the plan must follow (measured on an H200 it had counted one row and read 0.63 of the peak)."""
+    from prefopt.config import build_config
+    from prefopt.inputs import prepare_examples
+    from prefopt.modeling import load_tokenizer
+
+    cfg, _ = build_config({"model": str(plan_model), "data": "tests/data/standard.jsonl", "batch_size": 4})
+    examples = prepare_examples(cfg, load_tokenizer(str(plan_model)), "pairs", None).train
+    gpu = P.make_plan(cfg, examples).data()
+    host = P.make_plan(cfg, examples, host=True).data()
+    assert host.rows_per_forward == 1 and gpu.rows_per_forward >= 1
+    assert gpu.row_tokens > host.row_tokens and gpu.row_scored > host.row_scored
