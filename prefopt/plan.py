@@ -333,7 +333,7 @@ def split_rows_used(cfg, mode: str, sharded: bool, host: bool) -> bool:
     run together (prefopt.train.rows_together), so the largest forward is the whole micro-batch."""
     from prefopt.train import check_split
 
-    return host and check_split(cfg, mode, sharded, "cpu") and cfg.prefix_sharing and not cfg.plain_path
+    return check_split(cfg, mode, sharded, "cpu" if host else "cuda") and cfg.prefix_sharing and not cfg.plain_path
 
 
 def data_shape(lengths: list[tuple[int, tuple[int, ...]]], *, batch_size: int, prefix_sharing: bool = True,
