@@ -93,7 +93,28 @@ def _kernel(device: torch.device):
         # dynamic: every micro-batch has its own length; compiled once for all of them (a static first
         # compile is followed by a dynamic one at the second length: ~9 s more, seen on an H200)
         _compiled = torch.compile(flex_attention, dynamic=True)
+        allow_recompiles()
     return _compiled
+
+
+# Compiled variants one process may need: each dtype (the fast-path check's float32 pass, the run's
+# bf16) x grad mode (training, the reference pass) x mask kind (a sliding-window and a full layer close
+# over different constants) x soft-capping; a model with two layer types already needs 8.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> int:
+    """Raise dynamo's per-function recompile limit to ``limit`` (never lower it); returns the limit now.
+
+    At the default of 8 (torch 2.13), the ninth variant of the compiled kernel is not compiled: dynamo
+    runs FlexAttention eagerly from then on, the unfused implementation that builds the whole score
+    matrix (seen on an H200 in benchmarks/gpu_check.py, which runs several models in one process).
+    """
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    return getattr(dynamo, name)
 
 
 def prefopt_flex_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

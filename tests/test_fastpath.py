@@ -228,3 +228,28 @@ def test_the_float32_reference_leaves_low_precision_weights_as_they_were(pure):
     assert exact.token_logps.dtype == torch.float64 and exact_grad.grads is not None
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_float32_reference_is_measured_only_when_a_low_precision_fast_path_misses_the_fixed_tolerance(
+        monkeypatch):
+    """Most bf16 runs pass the fixed tolerance and never pay for a float32 pass; one that misses it
+    measures float32 once (patches removed, as the plain path) and keeps what is as exact as bf16 allows."""
+    import prefopt.fastpath as fp
+
+    calls = []
+    real = fp.float32_references
+
+    def counted(model, *args):
+        calls.append(any(m.__dict__.get("_prefopt_lean") and "forward" in m.__dict__ for m in model.modules()))
+        return real(model, *args)
+
+    monkeypatch.setattr(fp, "float32_references", counted)
+    model = build(T.LlamaConfig, T.LlamaForCausalLM).to(torch.bfloat16)
+    data = check_rows(rows(6))
+    kept = run(model, dtype=torch.bfloat16, data=data)
+    assert not kept.off and calls == []
+    # a fixed tolerance below bf16's own noise: only the comparison with float32 can keep the fast paths
+    monkeypatch.setitem(fp.TOLERANCES, torch.bfloat16, fp.Tolerance(token_max=1e-6, token_mean=1e-7, grad=1e-7))
+    judged = run(model, dtype=torch.bfloat16, data=data)
+    assert calls == [False]                   # once, with no lean forward patched in
+    assert not judged.off and judged.features == kept.features

@@ -125,3 +125,20 @@ def test_on_a_gpu_a_micro_batchs_rows_run_in_one_forward():
     assert len(row_parts(batch, cfg, "pairs", on("cpu"))) == batch.input_ids.shape[0] > 1
     assert row_parts(batch, cfg, "pairs", on("cuda")) == [batch]
     assert check_split(cfg, "pairs", False, torch.device("cpu")) and not check_split(cfg, "pairs", False, "cuda")
+
+
+def test_compiling_the_kernel_leaves_room_for_every_variant_a_run_compiles(monkeypatch):
+    """dtype x grad mode x layer kind x soft-capping: a two-layer-type model in one run needs 8 compiled
+    variants, dynamo's default limit, after which FlexAttention would run unfused (seen on an H200)."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo, name, 8)
+    monkeypatch.setattr(flex, "_compiled", None)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    assert flex._kernel(torch.device("cpu")) is flex_attention and getattr(dynamo, name) == 8  # eager on CPU
+    kernel = flex._kernel(torch.device("cuda"))      # torch.compile is lazy: nothing runs on a GPU here
+    assert kernel is flex._kernel(torch.device("cuda")) and getattr(dynamo, name) == flex.RECOMPILE_LIMIT
+    monkeypatch.setattr(dynamo, name, 500)
+    assert flex.allow_recompiles() == 500            # a user's higher limit stays
