@@ -191,3 +191,15 @@ def test_on_a_gpu_the_largest_forward_is_the_whole_micro_batch(plan_model):
     host = P.make_plan(cfg, examples, host=True).data()
     assert host.rows_per_forward == 1 and gpu.rows_per_forward >= 1
     assert gpu.row_tokens > host.row_tokens and gpu.row_scored > host.row_scored
+
+
+def test_on_a_gpu_the_plan_counts_the_measured_context_and_says_what_the_allocator_adds(plan_model, capsys):
+    """The context was 819 MiB on an H200 (512 had been assumed); the caching allocator's reserve is
+    said in a note on a GPU, not added, and not said on the host, where RSS is what is planned."""
+    gpu, host = est(), est(replace(BASE, host=True))
+    assert gpu.parts["CUDA context"] == 820 * P.MiB and "CUDA context" not in host.parts
+    assert P.ALLOCATOR_NOTE in gpu.notes and P.ALLOCATOR_NOTE not in host.notes
+    rc, out = _plan(capsys, "--model", str(plan_model), "--data", "tests/data/standard.jsonl")
+    assert rc == 0 and "note: on a GPU the peak is of live tensors" in out and "expandable_segments" in out
+    rc, out = _plan(capsys, "--model", str(plan_model), "--data", "tests/data/standard.jsonl", "--device", "cpu")
+    assert rc == 0 and "caching allocator" not in out
