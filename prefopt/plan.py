@@ -182,8 +182,8 @@ def parse_memory(text: str) -> int:
 # ---------------------------------------------------------------------------- the model
 
 
-# What a GPU's memory holds beyond the plan. The plan counts live tensors (within 2 % of
-# torch.cuda.max_memory_allocated on an H200) and the context. PyTorch's caching allocator keeps freed
+# What a GPU's memory holds beyond the plan. The plan counts live tensors (on an H200, 3 % under
+# torch.cuda.max_memory_allocated at batch 32, 16 % over with checkpointing) and the context. PyTorch's caching allocator keeps freed
 # blocks for reuse, and rows of varying length leave its blocks fragmented: its peak reservation ran
 # 8.0 GiB above a 31.8 GiB tensor peak and 5.0 GiB above 11.6 GiB checkpointed (batch 32,
 # docs/benchmarks.md). Before failing an allocation it gives its unused blocks back and retries, so
