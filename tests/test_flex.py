@@ -131,14 +131,102 @@ def test_compiling_the_kernel_leaves_room_for_every_variant_a_run_compiles(monke
     """dtype x grad mode x layer kind x soft-capping: a two-layer-type model in one run needs 8 compiled
     variants, dynamo's default limit, after which FlexAttention would run unfused (seen on an H200)."""
     import torch._dynamo.config as dynamo
-
-    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo, name, 8)
-    monkeypatch.setattr(flex, "_compiled", None)
     from torch.nn.attention.flex_attention import flex_attention
 
-    assert flex._kernel(torch.device("cpu")) is flex_attention and getattr(dynamo, name) == 8  # eager on CPU
-    kernel = flex._kernel(torch.device("cuda"))      # torch.compile is lazy: nothing runs on a GPU here
-    assert kernel is flex._kernel(torch.device("cuda")) and getattr(dynamo, name) == flex.RECOMPILE_LIMIT
-    monkeypatch.setattr(dynamo, name, 500)
-    assert flex.allow_recompiles() == 500            # a user's higher limit stays
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(flex, "_compiled", None)
+    # dynamo's config module is restored with its own patch(): pytest's monkeypatch deletes its entries
+    with dynamo.patch(**{name: 8}):
+        assert flex._kernel(torch.device("cpu")) is flex_attention and getattr(dynamo, name) == 8  # eager on CPU
+        kernel = flex._kernel(torch.device("cuda"))      # torch.compile is lazy: nothing runs on a GPU here
+        assert kernel is flex._kernel(torch.device("cuda")) and getattr(dynamo, name) == flex.RECOMPILE_LIMIT
+    with dynamo.patch(**{name: 500}):
+        assert flex.allow_recompiles() == 500            # a user's higher limit stays
+
+
+def _blocks(num: torch.Tensor, index: torch.Tensor) -> set[tuple[int, int, int]]:
+    """The (row, query block, key block) triples a BlockMask's (count, index) tables list."""
+    return {(r, i, int(index[r, 0, i, j])) for r in range(num.shape[0]) for i in range(num.shape[2])
+            for j in range(int(num[r, 0, i]))}
+
+
+def _layouts():
+    """Packed rows with long shared prompts (whole blocks of one segment: full blocks), short segments
+    (several in a block), and rows of different lengths (padding blocks)."""
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(3, 97, (n,), generator=g).tolist()
+
+    long = [Ex(ids(300), [ids(200), ids(150)], 0), Ex(ids(260), [ids(90), ids(310)], 1)]
+    short = [Ex(ids(int(torch.randint(3, 40, (1,), generator=g))), [ids(int(torch.randint(2, 30, (1,), generator=g)))
+             for _ in range(2)], i) for i in range(24)]
+    return {"long prompts": collate(long, pad_token_id=0, capacity=2000),
+            "short segments": collate(short, pad_token_id=0, capacity=700),
+            "rows of two lengths": collate(long + short[:6], pad_token_id=0)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_block_layout_is_the_one_torch_finds_from_the_dense_mask(name):
+    """block_layout evaluates the mask only where a segment can be seen, a bounded number of blocks at
+    a time; the partial and full blocks must be exactly those create_block_mask finds from the whole
+    [R, L, L] mask (a block wrongly full skips the mask, one wrongly missing is never computed)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for layout, batch in _layouts().items():
+        got = flex.block_masks(CONFIGS[name], batch.seg_ids, batch.part_ids, batch.position_ids)
+        for kind, block in (got if isinstance(got, dict) else {"all": got}).items():
+            R, Lp = batch.input_ids.shape[0], block.seq_lengths[0]
+            want = create_block_mask(block.mask_mod, R, None, Lp, Lp, device="cpu", BLOCK_SIZE=flex.BLOCK)
+            assert _blocks(block.kv_num_blocks, block.kv_indices) == _blocks(want.kv_num_blocks, want.kv_indices), \
+                (layout, kind)
+            assert _blocks(block.full_kv_num_blocks, block.full_kv_indices) == \
+                _blocks(want.full_kv_num_blocks, want.full_kv_indices), (layout, kind)
+            if layout == "long prompts" and name == "none":
+                assert block.full_kv_num_blocks.sum() > 0           # the case where the mask is skipped
+
+
+def test_the_block_layout_is_classified_a_bounded_number_of_blocks_at_a_time(monkeypatch):
+    """Chunked classification gives the same layout as one pass over every candidate block."""
+    batch = _layouts()["short segments"]
+    whole = flex.block_masks(CONFIGS["window"], batch.seg_ids, batch.part_ids, batch.position_ids)
+    monkeypatch.setattr(flex, "CLASSIFY_ELEMENTS", flex.BLOCK * flex.BLOCK * 3)   # three block pairs a pass
+    parts = flex.block_masks(CONFIGS["window"], batch.seg_ids, batch.part_ids, batch.position_ids)
+    for a, b in ((whole.kv_num_blocks, parts.kv_num_blocks), (whole.kv_indices, parts.kv_indices),
+                 (whole.full_kv_num_blocks, parts.full_kv_num_blocks)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_compiled_kernel_on_these_block_masks_equals_sdpa_on_the_dense_mask():
+    """Eager FlexAttention applies the mask everywhere and ignores the block tables; the compiled kernel
+    skips missing blocks and does not apply the mask in full ones. On the CPU's compiled kernel (no
+    window: torch 2.13 fails to build it for some masks), the layout's attention equals masked SDPA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch = _layouts()["long prompts"]
+    block = flex.block_masks(CONFIGS["none"], batch.seg_ids, batch.part_ids, batch.position_ids)
+    assert block.full_kv_num_blocks.sum() > 0 and block.kv_num_blocks.sum() < (block.seq_lengths[0] // 128) ** 2
+    R, L = batch.input_ids.shape
+    Lp = block.seq_lengths[0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(R, 2, Lp, 16, generator=g) for _ in range(3))
+    got = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=block)
+    dense = layer_masks(CONFIGS["none"], batch.attention_mask, batch.position_ids)     # [R, 1, L, L]
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], attn_mask=dense)
+    real = batch.seg_ids >= 0
+    torch.testing.assert_close(got[:, :, :L].transpose(1, 2)[real], want.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_block_mask_benchmark_runs_and_finds_the_same_blocks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_masks.py"
+    proc = subprocess.run([sys.executable, str(script), "--rows", "2", "--length", "600", "--segment", "280",
+                           "--window", "50", "--repeat", "1", "--threads", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the same blocks: True" in proc.stdout and proc.stdout.count(" ms ") == 2
