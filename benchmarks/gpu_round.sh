@@ -7,7 +7,8 @@
 # 1. benchmarks/gpu.py: prefopt against TRL's DPOTrainer on a ~0.5B Qwen2-shaped model in bf16
 #    (tokens/s, peak memory, MFU, and the memory plan against the device's peak);
 # 2. benchmarks/gpu_check.py, parity and training: the fast paths (FlexAttention on CUDA) against the
-#    plain computation in float32 and bf16, and DPO runs in each precision.
+#    plain computation in float32 and bf16, and DPO runs in each precision;
+# 3. benchmarks/block_masks.py on CUDA: prefopt's block masks against torch's create_block_mask (~20 s).
 #
 # prefopt runs from this checkout (no install). Wheels in .whl/ (TRL and what it needs that the
 # machine lacks) are installed into /tmp/site first; a section that fails does not stop the next.
@@ -35,6 +36,8 @@ timeout $((bench_s + 30)) python3 benchmarks/gpu.py --out "$out/gpu.json" --budg
     --workdir /tmp/prefopt-gpu-bench 2>&1 | tee "$out/gpu.log" || status=1
 timeout $((check_s + 30)) python3 benchmarks/gpu_check.py --out "$out/gpu_check.json" --sections "$sections" \
     --budget "$check_s" --steps 12 --workdir /tmp/prefopt-gpu-check --keep 2>&1 | tee "$out/gpu_check.log" || status=1
+timeout 120 python3 benchmarks/block_masks.py --device cuda --rows 16 --length 3500 --repeat 2 2>&1 \
+    | tee "$out/block_masks.log" || status=1
 tar -czf "$out/logs.tgz" -C /tmp prefopt-gpu-check/logs $(cd /tmp && ls prefopt-gpu-bench/*.json 2>/dev/null) \
     2>/dev/null || true
 exit $status
