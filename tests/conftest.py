@@ -16,8 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 # Tests that launch several processes: with ``pytest -n 2`` (the README's command) they all run in one
-# worker, one after another. accelerate's launcher listens on one fixed port, and two of these
-# at once would also oversubscribe the two cores they were sized for.
+# worker, one after another: two of these at once would oversubscribe the two cores they were sized
+# for. Each launch takes a free port (free_port) for its rendezvous.
 LAUNCHING_MODULES = {"test_distributed.py", "test_fsdp2.py", "test_gpu_check.py"}
 
 
@@ -34,6 +34,17 @@ def pytest_configure(config):
         import prefopt.attention
 
         prefopt.attention.segment_kernel = lambda: kernel
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one launch's rendezvous: accelerate's default (29500)
+    can still be held by the previous launch's store as it shuts down (a launch failed that way once
+    in the README's run, in torchrun's _initialize_workers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # Modules whose tests share one expensive module fixture (a whole demo run): one worker builds it once.

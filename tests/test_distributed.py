@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 from prefopt.config import TrainConfig
 from prefopt.train import train
 
@@ -63,13 +63,13 @@ def launch(engine: str, tmp_path: Path, args: list[str], cache: Path, timeout: i
     if spec is None:
         env["ACCELERATE_USE_CPU"] = "true"
         cmd += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+                "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     else:
         import yaml
 
         config = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 2,
                   "mixed_precision": "no", "main_training_function": "main", "rdzv_backend": "static",
-                  "same_network": True, **spec}
+                  "same_network": True, "main_process_port": free_port(), **spec}
         path = tmp_path / f"{engine}.yaml"
         path.write_text(yaml.safe_dump(config))
         cmd += ["--config_file", str(path)]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -175,7 +175,8 @@ def test_uneven_eval_shares_across_processes_do_not_hang(tiny_model_dir, pref_fi
     three = write_jsonl(rows(pref_files[1])[:n_rows], tmp_path / "three.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE": str(cache_dir), "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefopt.cli", "train",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "prefopt.cli", "train",
            "--model", str(tiny_model_dir), "--data", str(pref_files[0]), "--eval-data", str(three),
            "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "1",
            "--eval-steps", "1", "--logging-steps", "1", "--save-steps", "none", "--no-progress"]
