@@ -103,6 +103,7 @@ class DataShape:
     row_scored: int        # completion tokens the LM head scores in one forward (at most)
     examples: int = 0
     rows_per_forward: int = 1
+    one_row: bool = False  # the micro-batch's segments packed into a single row (prefopt.train.one_row)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Setup:
     batch_size: int = 4
     grad_accum: int = 1
     host: bool = False               # training on the CPU: the host's RSS is the device memory
+    dense_mask: bool = True          # a [rows, L, L] mask is built (not with FlexAttention's block masks)
     model_file_bytes: int = 0        # the checkpoint's size (host loading reads it into memory)
 
     @property
@@ -266,7 +268,8 @@ def estimate(model: ModelShape, data: DataShape, setup: Setup) -> Estimate:
     parts["activations"] = saved
     # working set of one layer's backward: grads of its widest intermediates, plus the row's mask
     rows = max(1, data.rows_per_forward)
-    parts["backward working set"] = T * (2 * max(I * moe, H) * act + 2 * H * 4) + T * (T // rows)  # + bool mask
+    mask = T * (T // rows) if setup.dense_mask else 0   # the bool [rows, L, L] mask
+    parts["backward working set"] = T * (2 * max(I * moe, H) * act + 2 * H * 4) + mask
 
     # LM head: the scored positions' hidden states, and float32 logits of one chunk (plus the
     # backward's buffer of the same size); --full-lm-head: [tokens, vocab] logits of the whole row
@@ -352,12 +355,14 @@ def split_rows_used(cfg, mode: str, sharded: bool, host: bool) -> bool:
 
 
 def data_shape(lengths: list[tuple[int, tuple[int, ...]]], *, batch_size: int, prefix_sharing: bool = True,
-               packing: bool = True, row_by_row: bool = True, seed: int = 42, shuffle: bool = True) -> DataShape:
+               packing: bool = True, row_by_row: bool = True, one_row: bool = False, seed: int = 42,
+               shuffle: bool = True) -> DataShape:
     """The largest forward the run computes, from (prompt length, completion lengths) per example.
 
     Row by row, the longest row is the longest segment (rows are packed to the micro-batch's longest
     segment, so none is longer, and the batch holding the longest segment has a row of exactly it).
-    A whole micro-batch is R rows x its longest row, taken over the first epoch's batches.
+    A whole micro-batch is R rows x its longest row, taken over the first epoch's batches; with
+    ``one_row`` (a GPU with FlexAttention, prefopt.train.one_row) a single row of all its segments.
     """
     from prefopt.batching import _pack
 
@@ -379,12 +384,16 @@ def data_shape(lengths: list[tuple[int, tuple[int, ...]]], *, batch_size: int, p
     for start in range(0, len(order), batch_size):
         segs = [s for i in order[start:start + batch_size] for s in segments(*lengths[i])]
         seg_len = [t for t, _ in segs]
-        rows = _pack(seg_len, max(seg_len)) if packing else [[i] for i in range(len(segs))]
+        if one_row:
+            rows = [list(range(len(segs)))]
+        else:
+            rows = _pack(seg_len, max(seg_len)) if packing else [[i] for i in range(len(segs))]
         L = max(sum(seg_len[i] for i in row) for row in rows)
         if len(rows) * L > best[0] * best[2] or best[0] == 0:
             best = (L, sum(s for _, s in segs), len(rows))
     L, scored, R = best
-    return DataShape(row_tokens=R * L, row_scored=scored, examples=len(lengths), rows_per_forward=R)
+    return DataShape(row_tokens=R * L, row_scored=scored, examples=len(lengths), rows_per_forward=R,
+                     one_row=one_row)
 
 
 def example_lengths(examples) -> list[tuple[int, tuple[int, ...]]]:
@@ -404,7 +413,14 @@ def setup_from_config(cfg, *, num_processes: int = 1, sharding: str | None = Non
                  lean_activations=cfg.lean_activations, lm_head_chunk_size=cfg.lm_head_chunk_size,
                  full_lm_head=cfg.full_lm_head or cfg.plain_path, optimizer=cfg.optimizer, live_reference=live,
                  num_processes=num_processes, sharding=sharding, batch_size=cfg.batch_size,
-                 grad_accum=cfg.grad_accum, host=host, model_file_bytes=model_file_bytes)
+                 grad_accum=cfg.grad_accum, host=host, model_file_bytes=model_file_bytes,
+                 dense_mask=not gpu_block_masks(cfg, host))
+
+
+def gpu_block_masks(cfg, host: bool) -> bool:
+    """Whether block attention runs through FlexAttention's block masks (on a GPU, as
+    prefopt.attention.segment_kernel chooses there): no dense mask, and the micro-batch in one row."""
+    return not host and cfg.block_attention and cfg.packing and not cfg.plain_path
 
 
 @dataclass
@@ -424,7 +440,7 @@ class Plan:
         rows = split_rows_used(cfg, job_mode(cfg), setup.sharded, setup.host)
         return data_shape(self.lengths, batch_size=setup.batch_size, prefix_sharing=cfg.prefix_sharing
                           and not cfg.plain_path, packing=cfg.packing and not cfg.plain_path, row_by_row=rows,
-                          seed=cfg.seed, shuffle=cfg.shuffle)
+                          one_row=not rows and gpu_block_masks(cfg, setup.host), seed=cfg.seed, shuffle=cfg.shuffle)
 
     def estimate(self, setup: Setup | None = None) -> Estimate:
         setup = setup or self.setup

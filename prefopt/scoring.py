@@ -30,7 +30,7 @@ def sequence_table(model, examples, cfg: TrainConfig, pad_id: int) -> tuple[torc
     tokens = torch.zeros(len(examples), n_comp)
     device = next(model.parameters()).device
     size = cfg.eval_batch_size or cfg.batch_size
-    for batch in batches(examples, list(range(len(examples))), size, pad_id, cfg):
+    for batch in batches(examples, list(range(len(examples))), size, pad_id, cfg, device):
         batch = batch.to(device)
         seq = completion_logps(model, batch, chunk_size=cfg.lm_head_chunk_size, full_head=cfg.full_lm_head)
         idx = batch.example_index.cpu()

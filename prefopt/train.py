@@ -177,10 +177,31 @@ def _chunks(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _collate_fn(examples, pad_id: int, cfg: TrainConfig):
-    """Index list -> PackedBatch, laid out as the config says (prefix sharing, packing)."""
+def _collate_fn(examples, pad_id: int, cfg: TrainConfig, device=None):
+    """Index list -> PackedBatch, laid out as the config says (prefix sharing, packing), and on ``device``'s
+    terms (:func:`one_row`)."""
+    capacity = ONE_ROW if one_row(cfg, device) else None
     return lambda idx: collate([examples[j] for j in idx], pad_token_id=pad_id, prefix_sharing=cfg.prefix_sharing,
-                               packing=cfg.packing, plain=cfg.plain_path, group_prompts=cfg.group_by_prompt)
+                               packing=cfg.packing, plain=cfg.plain_path, group_prompts=cfg.group_by_prompt,
+                               capacity=capacity)
+
+
+# A packed row's capacity that holds a whole micro-batch.
+ONE_ROW = 1 << 62
+
+
+def one_row(cfg: TrainConfig, device) -> bool:
+    """Whether a micro-batch's segments are packed into a single row: on a GPU, with block attention
+    through FlexAttention (:mod:`prefopt.flex`). Rows packed to the longest segment leave padding that
+    the linear layers compute like any token (a quarter of the slots at batch 32 of gpu.py's lengths);
+    one row has none beyond its last block, its block mask hides what crosses segments, and it is built
+    without a dense mask. Anywhere else a row's dense mask would grow with the square of the batch.
+    The fast-path check proves this layout too: with packing it also packs its rows into one."""
+    from prefopt import flex
+    from prefopt.attention import segment_kernel
+
+    return (rows_together(device) and cfg.packing and cfg.block_attention and not cfg.plain_path
+            and segment_kernel() == flex.NAME)
 
 
 def grouped_order(examples, cfg: TrainConfig) -> list[int]:
@@ -191,9 +212,9 @@ def grouped_order(examples, cfg: TrainConfig) -> list[int]:
     return [i for g in prompt_groups(examples) for i in g]
 
 
-def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig):
+def batches(examples, order: list[int], batch_size: int, pad_id: int, cfg: TrainConfig, device=None):
     """Packed batches of ``examples`` in ``order`` (for the no-grad passes: reference, eval, scoring)."""
-    return map(_collate_fn(examples, pad_id, cfg), _chunks(order, batch_size))
+    return map(_collate_fn(examples, pad_id, cfg, device), _chunks(order, batch_size))
 
 
 def _load_reference(run: "Run", name: str) -> torch.nn.Module:
@@ -349,11 +370,13 @@ def build_reference(run: "Run") -> None:
         return
     ref, ref_cfg = settle_reference(run)
     score = _amp(_score_fn(ref_cfg, n_comp), accelerator)
-    if all(requested_features(ref_cfg)[k] == requested_features(cfg)[k] for k in LAYOUT_FEATURES):
+    device = accelerator.device
+    if all(requested_features(ref_cfg)[k] == requested_features(cfg)[k] for k in LAYOUT_FEATURES) and \
+            one_row(ref_cfg, device) == one_row(cfg, device):
         run.ref_train = run.ref_eval = ModelReference(ref, score)
         return
     # the reference proved a different layout: it re-lays each batch out from the examples themselves
-    run.ref_train, run.ref_eval = (ModelReference(ref, _relaid(score, examples, pad_id, ref_cfg))
+    run.ref_train, run.ref_eval = (ModelReference(ref, _relaid(score, examples, pad_id, ref_cfg, device))
                                    for examples in (data.train, data.eval))
 
 
@@ -368,7 +391,7 @@ def reference_table(run: "Run", model, score, examples, ref_cfg: TrainConfig, we
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / "ref_logps" / f"{key}.safetensors"
     size = cfg.eval_batch_size or max(cfg.batch_size * 4, 8)
     chunks = _chunks(grouped_order(examples, ref_cfg), size)
-    layout = _collate_fn(examples, run.pad_id, ref_cfg)
+    layout = _collate_fn(examples, run.pad_id, ref_cfg, accelerator.device)
     hit = path.exists()
     if world > 1:
         from accelerate.utils import broadcast_object_list
@@ -404,8 +427,8 @@ def settle_reference(run: "Run"):
     return ref, ref_cfg
 
 
-def _relaid(score, examples, pad_id: int, cfg: TrainConfig):
-    layout = _collate_fn(examples, pad_id, cfg)
+def _relaid(score, examples, pad_id: int, cfg: TrainConfig, device):
+    layout = _collate_fn(examples, pad_id, cfg, device)
 
     def relaid(model, batch: PackedBatch) -> torch.Tensor:
         again = layout(batch.example_index.tolist()).to(batch.input_ids.device)
@@ -720,7 +743,7 @@ def evaluate(model, examples, reference, cfg: TrainConfig, mode: str, params: Lo
     n = accelerator.num_processes
     order = grouped_order(examples, cfg)[accelerator.process_index::n]
     rounds = math.ceil(math.ceil(len(examples) / n) / batch_size)
-    layout = _collate_fn(examples, pad_id, cfg)
+    layout = _collate_fn(examples, pad_id, cfg, accelerator.device)
     for k in range(rounds):
         chunk = order[k * batch_size:(k + 1) * batch_size]
         batch = layout(chunk or [0]).to(accelerator.device)
@@ -780,7 +803,7 @@ def _microbatches(examples, cfg: TrainConfig, pad_id: int, accelerator, start_ep
     ``real`` False: it runs the forward and backward every other process runs (each is a collective
     under DDP's last micro-batch, FSDP and ZeRO-3) and its loss is multiplied by zero, so nothing is
     trained twice (accelerate's even batches would repeat the first examples instead)."""
-    layout = _collate_fn(examples, pad_id, cfg)
+    layout = _collate_fn(examples, pad_id, cfg, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     groups = prompt_groups(examples) if cfg.group_by_prompt and cfg.prefix_sharing else None
     epoch = start_epoch

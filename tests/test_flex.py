@@ -230,3 +230,34 @@ def test_the_block_mask_benchmark_runs_and_finds_the_same_blocks():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the same blocks: True" in proc.stdout and proc.stdout.count(" ms ") == 2
+
+
+def test_on_a_gpu_with_flex_a_micro_batch_is_one_row_and_scores_as_the_plain_path(monkeypatch):
+    """prefopt.train.one_row: on CUDA with FlexAttention the segments of a micro-batch go into a single
+    row (no padding between rows); anywhere else, or without block attention, rows as before. The one
+    row's log-probs equal each sequence alone (eager FlexAttention here: forward only on a CPU)."""
+    from dataclasses import replace
+
+    import prefopt.attention as attention
+    from prefopt.config import TrainConfig
+    from prefopt.train import ONE_ROW, _collate_fn, one_row
+
+    data = rows()
+    cfg = TrainConfig(model="m", data="d")
+    monkeypatch.setattr(attention, "segment_kernel", lambda: flex.NAME)
+    assert one_row(cfg, "cuda") and not one_row(cfg, "cpu") and not one_row(cfg, None)
+    assert not one_row(replace(cfg, block_attention=False), "cuda") and not one_row(replace(cfg, packing=False), "cuda")
+    whole = _collate_fn(data, 0, cfg, "cuda")(list(range(len(data))))
+    apart = _collate_fn(data, 0, cfg, "cpu")(list(range(len(data))))
+    assert whole.input_ids.shape[0] == 1 < apart.input_ids.shape[0]
+    assert whole.input_ids.numel() == int((whole.seg_ids >= 0).sum()) < apart.input_ids.numel()   # no padding
+    monkeypatch.setattr(attention, "segment_kernel", lambda: attention.NAME)
+    assert not one_row(cfg, "cuda")                       # SDPA per segment would take a dense mask of the row
+    model = build(T.Qwen2Config, T.Qwen2ForCausalLM, sliding_window=6, use_sliding_window=True,
+                  layer_types=["full_attention", "sliding_attention"])
+    assert use_segment_attention(model, flex.NAME)
+    with torch.no_grad():
+        got = completion_logps(model, collate(data, pad_token_id=0, capacity=ONE_ROW)).logps
+    want = naive_logps(build(T.Qwen2Config, T.Qwen2ForCausalLM, sliding_window=6, use_sliding_window=True,
+                             layer_types=["full_attention", "sliding_attention"]), data)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

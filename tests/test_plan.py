@@ -147,7 +147,7 @@ def test_cli_fits_and_suggests(plan_model, capsys):
 
 def test_too_small_budget_gets_fitting_suggestions():
     cfg_like = type("Cfg", (), {"loss_type": ["sigmoid"], "prefix_sharing": True, "plain_path": False,
-                                "packing": True, "seed": 0, "shuffle": True})()
+                                "packing": True, "block_attention": True, "seed": 0, "shuffle": True})()
     plan = P.Plan(model=MODEL, lengths=[(400, (300, 324))] * 8, setup=replace(BASE, batch_size=8), cfg=cfg_like)
     before = plan.estimate().peak
     budget = 40 * P.GiB
@@ -191,6 +191,20 @@ def test_on_a_gpu_the_largest_forward_is_the_whole_micro_batch(plan_model):
     host = P.make_plan(cfg, examples, host=True).data()
     assert host.rows_per_forward == 1 and gpu.rows_per_forward >= 1
     assert gpu.row_tokens > host.row_tokens and gpu.row_scored > host.row_scored
+    # with FlexAttention (block attention on a GPU) the micro-batch is one row: its segments, no padding
+    assert gpu.one_row and gpu.rows_per_forward == 1 and not host.one_row
+    padded = P.make_plan(replace(cfg, block_attention=False), examples).data()
+    assert not padded.one_row and padded.row_tokens >= gpu.row_tokens
+    segs = [p + sum(c) for p, c in P.example_lengths(examples)]
+    assert gpu.row_tokens <= sum(sorted(segs)[-cfg.batch_size:])
+
+
+def test_with_flex_block_masks_no_dense_mask_is_counted():
+    """A [rows, L, L] mask is counted where one is built: on the host (SDPA per segment takes it as
+    well) or without block attention on a GPU; FlexAttention's block masks build none."""
+    long = P.DataShape(row_tokens=20000, row_scored=8000)
+    flex_run, dense_run = est(replace(BASE, dense_mask=False), long), est(BASE, long)
+    assert dense_run.parts["backward working set"] - flex_run.parts["backward working set"] == 20000 * 20000
 
 
 def test_on_a_gpu_the_plan_counts_the_measured_context_and_says_what_the_allocator_adds(plan_model, capsys):

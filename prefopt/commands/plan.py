@@ -64,8 +64,8 @@ def run_plan(args: argparse.Namespace) -> int:
     m = plan.model
     print(f"model: {m.name}, {m.params / 1e6:.1f}M parameters ({m.layers} layers, hidden {m.hidden}, "
           f"vocab {m.vocab}); {plan.setup.describe()}")
-    layout = "one packed row at a time" if shape.rows_per_forward == 1 else \
-        f"the whole micro-batch, {shape.rows_per_forward} rows"
+    layout = ("the whole micro-batch in one row" if shape.one_row else "one packed row at a time"
+              if shape.rows_per_forward == 1 else f"the whole micro-batch, {shape.rows_per_forward} rows")
     print(f"data: {data.summary}; largest forward {shape.row_tokens} tokens ({layout}), "
           f"{shape.row_scored} scored by the LM head")
     print(est.line())
