@@ -38,8 +38,8 @@ def pytest_configure(config):
 
 def free_port() -> int:
     """A TCP port nothing listens on now, for one launch's rendezvous: accelerate's default (29500)
-    can still be held by the previous launch's store as it shuts down (a launch failed that way once
-    in the README's run, in torchrun's _initialize_workers)."""
+    can still be held by the previous launch's store as it shuts down, or by anything else on the
+    machine."""
     import socket
 
     with socket.socket() as s:
