@@ -185,8 +185,9 @@ def parse_memory(text: str) -> int:
 
 
 # What a GPU's memory holds beyond the plan. The plan counts live tensors (on an H200, 3 % under
-# torch.cuda.max_memory_allocated at batch 32, 16 % over with checkpointing) and the context. PyTorch's caching allocator keeps freed
-# blocks for reuse, and rows of varying length leave its blocks fragmented: its peak reservation ran
+# torch.cuda.max_memory_allocated at batch 32, 16 % over with checkpointing) and the context.
+# PyTorch's caching allocator keeps freed blocks for reuse, and rows of varying length leave its
+# blocks fragmented: its peak reservation ran
 # 8.0 GiB above a 31.8 GiB tensor peak and 5.0 GiB above 11.6 GiB checkpointed (batch 32,
 # docs/benchmarks.md). Before failing an allocation it gives its unused blocks back and retries, so
 # only the fragmented part can cost the run; it is not a formula of the shapes, so it is said, not
@@ -419,8 +420,11 @@ def setup_from_config(cfg, *, num_processes: int = 1, sharding: str | None = Non
 
 def gpu_block_masks(cfg, host: bool) -> bool:
     """Whether block attention runs through FlexAttention's block masks (on a GPU, as
-    prefopt.attention.segment_kernel chooses there): no dense mask, and the micro-batch in one row."""
-    return not host and cfg.block_attention and cfg.packing and not cfg.plain_path
+    prefopt.attention.segment_kernel chooses there): no dense mask, and the micro-batch in one row
+    (prefopt.train.one_row, whose device and kernel this assumes)."""
+    from prefopt.train import block_attention_packed
+
+    return not host and block_attention_packed(cfg)
 
 
 @dataclass

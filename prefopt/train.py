@@ -200,8 +200,12 @@ def one_row(cfg: TrainConfig, device) -> bool:
     from prefopt import flex
     from prefopt.attention import segment_kernel
 
-    return (rows_together(device) and cfg.packing and cfg.block_attention and not cfg.plain_path
-            and segment_kernel() == flex.NAME)
+    return rows_together(device) and block_attention_packed(cfg) and segment_kernel() == flex.NAME
+
+
+def block_attention_packed(cfg: TrainConfig) -> bool:
+    """The config's part of :func:`one_row`: packed rows through block attention on prefopt's masks."""
+    return cfg.packing and cfg.block_attention and not cfg.plain_path
 
 
 def grouped_order(examples, cfg: TrainConfig) -> list[int]:
