@@ -55,6 +55,9 @@ def launch(engine: str, tmp_path: Path, args: list[str], cache: Path, timeout: i
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFOPT_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     spec = ENGINES.get(engine)
+    entry = ["-m", "prefopt.cli"]
+    if engine == "ddp-one-row":  # see tests/one_row_cli.py: the GPU's one-row layout, on CPU processes
+        entry = [str(Path(__file__).parent / "one_row_cli.py")]
     if engine == "fsdp2-harness":  # see tests/shims/fsdp_on_cpu: accelerate's FSDP2 on gloo CPU processes
         env.update(ACCELERATE_USE_CPU="true", PREFOPT_TEST_FSDP_ON_CPU="1",
                    PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "shims" / "fsdp_on_cpu"),
@@ -73,7 +76,7 @@ def launch(engine: str, tmp_path: Path, args: list[str], cache: Path, timeout: i
         path = tmp_path / f"{engine}.yaml"
         path.write_text(yaml.safe_dump(config))
         cmd += ["--config_file", str(path)]
-    cmd += ["-m", "prefopt.cli", "train", *args]
+    cmd += [*entry, "train", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert (proc.returncode == 0) == ok, proc.stderr[-4000:]
     return proc
@@ -119,7 +122,8 @@ def one_process(tiny_model_dir, pref_files, tmp_path_factory):
     return single(tiny_model_dir, pref_files[0], eval_rows, d / "run", cache_dir=str(d / "cache")), eval_rows
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2-harness", pytest.param("zero2", marks=needs_deepspeed),
+@pytest.mark.parametrize("engine", ["ddp", "ddp-one-row", "fsdp2-harness",
+                                    pytest.param("zero2", marks=needs_deepspeed),
                                     pytest.param("zero3", marks=needs_deepspeed)])
 def test_two_processes_equal_one(engine, tiny_model_dir, pref_files, one_process, tmp_path):
     reference, eval_rows = one_process
